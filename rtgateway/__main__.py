@@ -1,0 +1,84 @@
+"""Command line: flags and ``RTG_*`` -> Config -> logging -> run. The only place that exits.
+
+Signals are handled here, at the edge: the first SIGTERM or SIGINT starts the
+drain, a second one exits at once with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+
+import uvloop
+
+from . import __version__, log
+from .config import SETTINGS, Config, ConfigError, env_name, flag_name, load
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rtgateway",
+        description="A room-based WebSocket gateway. Every setting is a flag or an RTG_* "
+        "environment variable; a flag beats the environment.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"rtgateway {__version__}")
+    for setting in SETTINGS:
+        default = setting.default if setting.default != "" else "empty"
+        parser.add_argument(
+            flag_name(setting.name),
+            dest=setting.name,
+            metavar=setting.metavar or "VALUE",
+            help=f"{setting.help} [{env_name(setting.name)}, default: {default}]",
+        )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        config = load(os.environ, flags)
+    except ConfigError as exc:
+        print(f"rtgateway: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    log.configure(config.log_level, config.log_format)
+    sys.exit(run(config))
+
+
+def run(config: Config) -> int:
+    from .app import Gateway
+
+    logger = log.get_logger()
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_signal(signum: int) -> None:
+            if stop.is_set():
+                logger.warning("second_signal_exit", signal=signal.Signals(signum).name)
+                os._exit(1)
+            logger.info("shutdown_signal", signal=signal.Signals(signum).name)
+            stop.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        await Gateway(config).serve(stop.wait)
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve())
+    except OSError as exc:
+        logger.error("gateway_failed", error=str(exc), addr=config.addr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""Wiring and lifecycle: start, serve until a shutdown trigger fires, drain, stop.
+
+:meth:`Gateway.serve` runs until the awaitable it is given returns (the CLI
+passes an event set by SIGTERM/SIGINT; tests pass their own), then drains:
+
+1. stop admitting: ``/healthz`` answers 503, handshakes get 503, systemd is
+   told ``STOPPING=1``;
+2. close open connections with 1012 in paced batches over
+   ``drain_window_s``, each with its own reconnect delay, so a fleet does not
+   come back in one burst;
+3. wait for the handlers until ``drain_timeout_s``, then abort the rest and
+   log how many;
+4. close the listener and cancel the background tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import platform
+import random
+import resource
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from websockets.version import version as websockets_version
+from websockets.asyncio.server import Server, serve
+
+from . import __version__
+from .config import Config
+from .connection import SERVICE_RESTART, GatewayConnection, serve_connection
+from .http import load_static, process_request, process_response
+from .log import get_logger
+from .metrics import Metrics
+from .outbox import Flusher, Outbox
+from .rooms import Hub
+from .systemd import Notifier, watchdog_interval
+
+__all__ = ["Gateway", "raise_nofile_limit"]
+
+LAG_SAMPLE_INTERVAL_S = 0.25
+STATUS_INTERVAL_S = 2.0
+DRAIN_TICK_S = 0.05
+WRITE_LIMIT_BYTES = 64 * 1024
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft open-files limit to the hard limit; return (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft, hard
+
+
+class Gateway:
+    """One gateway process: the listener, the rooms, the connections, the metrics."""
+
+    def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.log = get_logger()
+        self.metrics = Metrics(version=__version__, websockets_version=websockets_version)
+        self.hub = Hub(self.metrics)
+        self.notifier = notifier or Notifier()
+        self.static = load_static() if config.demo else {}
+        self.server_name = f"rtgateway/{__version__}"
+        self.outboxes: set[Outbox] = set()
+        self.sockets = 0
+        self.draining = False
+        self.ready = asyncio.Event()
+        self.addresses: list[str] = []
+        self.server: Server | None = None
+        self.flusher: Flusher
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.max_connections = 0
+        self.max_sockets = 0
+        self.max_write_buffer_bytes = config.outbox_max_bytes + WRITE_LIMIT_BYTES + 64 * 1024
+        self.hello_limits = {
+            "max_message_bytes": config.max_message_bytes,
+            "max_rooms_per_connection": config.max_rooms_per_connection,
+            "rate_limit_msgs_per_s": config.rate_limit_msgs_per_s,
+            "rate_limit_burst": config.rate_limit_burst,
+            "rate_limit_bytes_per_s": config.rate_limit_bytes_per_s,
+            "outbox_max_messages": config.outbox_max_messages,
+            "outbox_max_bytes": config.outbox_max_bytes,
+            "slow_consumer_policy": config.slow_consumer_policy,
+            "slow_consumer_policies": list(config.slow_consumer_policies),
+            "ping_interval_s": config.ping_interval_s,
+        }
+
+    async def serve(self, shutdown_trigger: Callable[[], Awaitable[Any]]) -> None:
+        """Start, run until ``shutdown_trigger()`` returns, then drain and stop."""
+        await self.start()
+        try:
+            await shutdown_trigger()
+        finally:
+            await self.stop()
+
+    # Startup.
+
+    def _limits(self) -> None:
+        soft, hard = raise_nofile_limit()
+        # Descriptors kept back for the listener, logs, scrapes and 503 answers.
+        reserve = max(64, soft // 50)
+        derived = max(16, soft - reserve)
+        wanted = self.config.max_connections or derived
+        if wanted > derived:
+            self.log.warning(
+                "max_connections_clamped", wanted=wanted, max_connections=derived, nofile=soft
+            )
+        self.max_connections = min(wanted, derived)
+        self.max_sockets = self.max_connections + reserve // 2
+        self.metrics.max_connections = self.max_connections
+        self.log.info(
+            "limits",
+            nofile_soft=soft,
+            nofile_hard=hard,
+            max_connections=self.max_connections,
+            max_sockets=self.max_sockets,
+        )
+
+    async def start(self) -> None:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        self.log.info(
+            "gateway_starting",
+            version=__version__,
+            python=platform.python_version(),
+            websockets=websockets_version,
+            loop=type(loop).__module__,
+            config=config.as_log_fields(),
+        )
+        self._limits()
+        self.flusher = Flusher(loop)
+        host, port = config.host_port
+        connection_class = type("BoundGatewayConnection", (GatewayConnection,), {"gateway": self})
+        ping_interval = config.ping_interval_s or None
+        self.server = await serve(
+            functools.partial(serve_connection, self),
+            host or None,
+            port,
+            create_connection=connection_class,
+            process_request=functools.partial(process_request, self),
+            process_response=functools.partial(process_response, self),
+            server_header=self.server_name,
+            compression=None,  # memory per connection, and decompression bombs
+            max_size=config.max_message_bytes,
+            max_queue=16,
+            write_limit=WRITE_LIMIT_BYTES,
+            ping_interval=ping_interval,
+            ping_timeout=config.ping_timeout_s or None,
+            open_timeout=config.open_timeout_s,
+            close_timeout=config.close_timeout_s,
+            backlog=config.backlog,
+        )
+        self.addresses = [_format_addr(s.getsockname()) for s in self.server.sockets]
+        for coro in self._background():
+            self._spawn(coro)
+        self.notifier.notify("READY=1", f"STATUS=serving 0 connections on {config.addr}")
+        self.log.info("gateway_listening", addresses=self.addresses)
+        self.ready.set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _background(self) -> list[Any]:
+        coros = [self._sample_loop_lag(), self._report_status()]
+        if self.config.stats_interval_s:
+            coros.append(self._log_stats(self.config.stats_interval_s))
+        interval = watchdog_interval()
+        if interval is not None and self.notifier.enabled:
+            coros.append(self.notifier.watchdog(interval))
+        return coros
+
+    async def _sample_loop_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(LAG_SAMPLE_INTERVAL_S)
+            self.metrics.loop_lag.observe(max(0.0, loop.time() - before - LAG_SAMPLE_INTERVAL_S))
+
+    async def _report_status(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL_S)
+            if not self.draining:
+                m = self.metrics
+                self.notifier.notify(
+                    f"STATUS=serving {m.connections_current} connections, {m.rooms_current} rooms"
+                )
+
+    async def _log_stats(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            m = self.metrics
+            self.log.info(
+                "stats",
+                connections=m.connections_current,
+                rooms=m.rooms_current,
+                memberships=m.room_members_current,
+                messages_received=m.messages_received,
+                messages_sent=m.messages_sent,
+                publishes=m.publishes,
+                deliveries=m.deliveries,
+                dropped=sum(m.dropped.values()),
+                outbox_queued_bytes=m.outbox_queued_bytes,
+            )
+
+    # Shutdown.
+
+    async def stop(self) -> None:
+        if self.server is None:
+            return
+        loop = asyncio.get_running_loop()
+        config = self.config
+        started = loop.time()
+        deadline = started + config.drain_timeout_s
+
+        # 1. Stop admitting new work.
+        self.draining = True
+        self.metrics.draining = True
+        count = len(self.outboxes)
+        self.notifier.notify("STOPPING=1", f"STATUS=draining {count} connections")
+        self.log.info(
+            "drain_started",
+            connections=count,
+            window_s=config.drain_window_s,
+            timeout_s=config.drain_timeout_s,
+        )
+
+        # 2. Close with 1012 in paced batches.
+        await self._close_paced(config.drain_window_s)
+
+        # 3. Wait for the handlers, then abort the stragglers.
+        pending = {t for t in self.server.handler_tasks if not t.done()}
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
+        if pending:
+            for outbox in list(self.outboxes):
+                outbox.close_reason = outbox.close_reason or "drain"
+                outbox.conn.transport.abort()
+            for conn in list(self.server.all_connections):
+                conn.transport.abort()
+            self.log.warning("drain_aborted", connections=len(pending))
+            await asyncio.wait(pending, timeout=1.0)
+
+        # 4. Close the listener and stop the background tasks.
+        self.server.close(close_connections=False)
+        try:
+            await asyncio.wait_for(self.server.wait_closed(), timeout=2.0)
+        except TimeoutError:
+            self.log.warning("listener_close_timeout")
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.log.info(
+            "drain_finished",
+            duration_s=round(loop.time() - started, 3),
+            closed=count,
+            aborted=len(pending),
+            background_tasks_cancelled=len(tasks),
+        )
+
+    async def _close_paced(self, window_s: float) -> None:
+        outboxes = list(self.outboxes)
+        if not outboxes:
+            return
+        batches = max(1, int(window_s / DRAIN_TICK_S))
+        size = math.ceil(len(outboxes) / batches)
+        base = self.config.reconnect_delay_ms
+        for start in range(0, len(outboxes), size):
+            if start:
+                await asyncio.sleep(DRAIN_TICK_S)
+            for outbox in outboxes[start : start + size]:
+                delay = random.randint(base, 2 * base) if base else 0
+                outbox.close(SERVICE_RESTART, f"service restart; retry_after_ms={delay}", "drain")
+
+
+def _format_addr(sockname: Any) -> str:
+    host, port = sockname[0], sockname[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

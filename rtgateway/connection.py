@@ -1,0 +1,361 @@
+"""One client connection: the websockets connection subclass and the session.
+
+:class:`GatewayConnection` extends websockets' server connection with what the
+outbox needs (flush on ``resume_writing``, a close frame sent without awaiting),
+a guard on the transport's write buffer, and socket accounting.
+
+:func:`serve_connection` is the lifecycle of one accepted WebSocket: register,
+run the endpoint (:class:`Session` for the room protocol, :func:`echo`),
+and in ``finally`` leave every room, forget the outbox and count the
+disconnect by reason. Nothing here writes to a socket except through the
+connection's :class:`~rtgateway.outbox.Outbox`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.protocol import OPEN
+
+from . import protocol
+from .outbox import Outbox
+from .ratelimit import TokenBucket
+from .rooms import BrokerUnavailable
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+__all__ = ["GatewayConnection", "Session", "echo", "serve_connection"]
+
+# Close codes (RFC 6455 §7.4.1, and the private range 4000-4999 for ours).
+POLICY_VIOLATION = 1008
+INTERNAL_ERROR = 1011
+SERVICE_RESTART = 1012
+RATE_LIMIT_WINDOW_S = 10.0
+# Bytes a publication's message adds around its data: the JSON keys, a seq and
+# a ts of up to 20 digits each.
+MESSAGE_ENVELOPE_BYTES = len(b'{"op":"message","room":"","seq":,"ts":,"data":}') + 40
+
+
+class GatewayConnection(ServerConnection):
+    """websockets' connection, with the hooks the outbox and the limits need."""
+
+    gateway: Gateway  # set on the subclass that Gateway.start() creates
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.outbox: Outbox | None = None
+        self.made_at = 0.0
+        self.abort_handle: asyncio.TimerHandle | None = None
+
+    # Socket accounting: every accepted socket, handshake done or not.
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        gateway = self.gateway
+        self.made_at = self.loop.time()
+        gateway.sockets += 1
+        if gateway.sockets > gateway.max_sockets:
+            # Past the connection limit plus the sockets kept for answering
+            # 503: close now rather than run into EMFILE.
+            gateway.metrics.handshake_rejected("fd_limit")
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        gateway = self.gateway
+        gateway.sockets -= 1
+        if self.abort_handle is not None:
+            self.abort_handle.cancel()
+            self.abort_handle = None
+        if self.request is None and gateway.sockets < gateway.max_sockets:
+            if self.loop.time() - self.made_at >= gateway.config.open_timeout_s * 0.95:
+                gateway.metrics.handshake_rejected("timeout")
+            elif self.protocol.handshake_exc is not None:
+                gateway.metrics.handshake_rejected("bad_request")
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # websockets answers pings inside data_received, bypassing any write
+        # limit: a peer that sends pings and never reads would grow this
+        # buffer without bound.
+        if self.transport.get_write_buffer_size() > self.gateway.max_write_buffer_bytes:
+            if self.outbox is not None:
+                self.outbox.discard()
+                self.outbox.close_reason = "write_buffer"
+            self.transport.abort()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.outbox is not None:
+            self.outbox.flush()
+
+    # What the outbox needs.
+
+    def is_open(self) -> bool:
+        return self.protocol.state is OPEN and not self.transport.is_closing()
+
+    def send_close(self, code: int, reason: str) -> None:
+        """Send a close frame now, without awaiting; abort if the peer never answers."""
+        if self.protocol.state is OPEN:
+            self.protocol.send_close(code, reason)
+            self.send_data()
+        if self.abort_handle is None and not self.transport.is_closing():
+            self.abort_handle = self.loop.call_later(
+                self.gateway.config.close_timeout_s, self.transport.abort
+            )
+
+
+def _disconnect_reason(conn: GatewayConnection, outbox: Outbox) -> str:
+    if outbox.close_reason is not None:
+        return outbox.close_reason
+    sent = conn.protocol.close_sent
+    if sent is not None:
+        if sent.code == 1009:
+            return "message_too_large"
+        if sent.code in (1002, 1003, 1007):
+            return "protocol_error"
+        if sent.code == INTERNAL_ERROR and "keepalive" in sent.reason:
+            return "ping_timeout"
+    if conn.protocol.close_rcvd is not None:
+        return "client_close"
+    return "aborted"
+
+
+async def serve_connection(gateway: Gateway, conn: GatewayConnection) -> None:
+    """The handler websockets runs for each connection after the handshake."""
+    metrics = gateway.metrics
+    outbox = Outbox(
+        conn,
+        gateway.flusher,
+        metrics,
+        max_messages=gateway.config.outbox_max_messages,
+        max_bytes=gateway.config.outbox_max_bytes,
+    )
+    conn.outbox = outbox
+    conn_id = secrets.token_urlsafe(9)
+    log = gateway.log.bind(conn_id=conn_id, peer=_peer(conn))
+    gateway.outboxes.add(outbox)
+    metrics.connection_opened()
+    path = conn.request.path.partition("?")[0] if conn.request else ""
+    log.debug("connection_open", path=path)
+    try:
+        if path == "/ws/echo":
+            await echo(conn, outbox)
+        else:
+            await Session(gateway, conn, outbox, conn_id).run()
+    except ConnectionClosed:
+        pass
+    except Exception:
+        log.exception("connection_failed")
+        outbox.kill(INTERNAL_ERROR, "internal error", "error")
+    finally:
+        gateway.outboxes.discard(outbox)
+        outbox.discard()
+        reason = _disconnect_reason(conn, outbox)
+        metrics.connection_closed(reason)
+        log.debug("connection_closed", reason=reason, code=conn.close_code)
+
+
+def _peer(conn: GatewayConnection) -> str:
+    try:
+        host, port = conn.remote_address[:2]
+    except (TypeError, ValueError):
+        return "?"
+    return f"{host}:{port}"
+
+
+async def echo(conn: GatewayConnection, outbox: Outbox) -> None:
+    """``/ws/echo``: every message back as it came, text or binary."""
+    metrics = conn.gateway.metrics
+    async for message in conn:
+        if isinstance(message, str):
+            payload = message.encode()
+            metrics.received(len(payload))
+            outbox.push(protocol.text_frame(payload), "reply")
+        else:
+            metrics.received(len(message))
+            outbox.push(protocol.binary_frame(message), "reply")
+
+
+class Session:
+    """The room protocol on ``/ws`` for one connection."""
+
+    __slots__ = (
+        "byte_bucket",
+        "config",
+        "conn",
+        "conn_id",
+        "gateway",
+        "hub",
+        "msg_bucket",
+        "outbox",
+        "rejected",
+        "rejected_since",
+        "rooms",
+    )
+
+    def __init__(
+        self, gateway: Gateway, conn: GatewayConnection, outbox: Outbox, conn_id: str
+    ) -> None:
+        self.gateway = gateway
+        self.config = gateway.config
+        self.hub = gateway.hub
+        self.conn = conn
+        self.outbox = outbox
+        self.conn_id = conn_id
+        self.rooms: set[str] = set()
+        now = conn.loop.time()
+        config = self.config
+        self.msg_bucket = TokenBucket(config.rate_limit_msgs_per_s, config.rate_limit_burst, now)
+        self.byte_bucket = (
+            TokenBucket(
+                config.rate_limit_bytes_per_s,
+                max(config.rate_limit_bytes_per_s, config.max_message_bytes),
+                now,
+            )
+            if config.rate_limit_bytes_per_s
+            else None
+        )
+        self.rejected = 0
+        self.rejected_since = now
+
+    def reply(self, text: str) -> None:
+        self.outbox.push(protocol.text_frame(text.encode()), "reply")
+
+    def error(self, code: str, message: str, id: protocol.MessageId = None, **extra: Any) -> None:
+        self.gateway.metrics.protocol_error(code)
+        self.reply(protocol.error(code, message, id, **extra))
+
+    async def run(self) -> None:
+        self.reply(
+            protocol.hello(self.conn_id, self.gateway.server_name, self.gateway.hello_limits)
+        )
+        try:
+            async for message in self.conn:
+                await self.handle(message)
+        finally:
+            for room in self.rooms:
+                self.hub.leave(room, self.outbox)
+            self.rooms.clear()
+
+    def _rate_limited(self, size: int) -> float:
+        """Seconds until this message would be allowed; 0.0 when it is."""
+        now = self.conn.loop.time()
+        wait = self.msg_bucket.take(now)
+        if not wait and self.byte_bucket is not None:
+            wait = self.byte_bucket.take(now, size)
+        if not wait:
+            return 0.0
+        if now - self.rejected_since > RATE_LIMIT_WINDOW_S:
+            self.rejected = 0
+            self.rejected_since = now
+        self.rejected += 1
+        self.gateway.metrics.rate_limited += 1
+        return wait
+
+    async def handle(self, message: str | bytes) -> None:
+        started = time.perf_counter()
+        size = len(message) if isinstance(message, bytes) else len(message.encode())
+        self.gateway.metrics.received(size)
+        wait = self._rate_limited(size)
+        if wait:
+            if self.rejected > self.config.rate_limit_max_rejected:
+                self.outbox.kill(POLICY_VIOLATION, "rate limit exceeded", "rate_limited")
+                return
+            id = _peek_id(message)
+            self.error(
+                "rate_limited",
+                "too many messages; slow down",
+                id,
+                retry_after_ms=max(1, round(wait * 1000)),
+            )
+            return
+        if isinstance(message, bytes):
+            self.error("bad_message", "binary frames are not supported; send JSON text")
+            return
+        try:
+            msg = protocol.parse(message)
+        except protocol.ProtocolError as exc:
+            self.error(exc.code, exc.message, exc.id)
+            return
+        if isinstance(msg, protocol.Publish):
+            await self.publish(msg, started)
+        elif isinstance(msg, protocol.Join):
+            self.join(msg)
+        elif isinstance(msg, protocol.Leave):
+            self.leave(msg)
+        else:
+            self.reply(protocol.pong(msg.id))
+
+    def join(self, msg: protocol.Join) -> None:
+        if self.gateway.draining:
+            self.error("draining", "the gateway is restarting; reconnect", msg.id)
+            return
+        policy = msg.policy or self.config.slow_consumer_policy
+        if policy not in self.config.slow_consumer_policies:
+            self.error(
+                "policy_not_allowed",
+                "allowed policies: " + ", ".join(self.config.slow_consumer_policies),
+                msg.id,
+            )
+            return
+        if msg.room not in self.rooms and len(self.rooms) >= self.config.max_rooms_per_connection:
+            self.error(
+                "too_many_rooms",
+                f"at most {self.config.max_rooms_per_connection} rooms per connection",
+                msg.id,
+            )
+            return
+        self.rooms.add(msg.room)
+        members = self.hub.join(msg.room, self.outbox, policy)
+        if msg.id is not None:
+            self.reply(protocol.ack(msg.id, room=msg.room, members=members, policy=policy))
+
+    def leave(self, msg: protocol.Leave) -> None:
+        if msg.room not in self.rooms:
+            self.error("not_joined", f"not a member of {msg.room}", msg.id)
+            return
+        self.rooms.discard(msg.room)
+        members = self.hub.leave(msg.room, self.outbox)
+        if msg.id is not None:
+            self.reply(protocol.ack(msg.id, room=msg.room, members=members))
+
+    async def publish(self, msg: protocol.Publish, started: float) -> None:
+        if self.gateway.draining:
+            self.error("draining", "the gateway is restarting; reconnect", msg.id)
+            return
+        if self.config.publish_requires_join and msg.room not in self.rooms:
+            self.error("not_joined", f"join {msg.room} before publishing to it", msg.id)
+            return
+        if len(msg.data) + len(msg.room) + MESSAGE_ENVELOPE_BYTES > self.config.max_message_bytes:
+            # Members may hold the same size limit as the gateway: never send
+            # them a message they would have to refuse.
+            self.error(
+                "message_too_large",
+                f"the message to members would exceed {self.config.max_message_bytes} bytes",
+                msg.id,
+            )
+            return
+        try:
+            seq = await self.hub.publish(msg.room, msg.data, started=started)
+        except BrokerUnavailable:
+            self.error("unavailable", "publishing is unavailable; retry later", msg.id)
+            return
+        if msg.id is not None:
+            self.reply(protocol.ack(msg.id, room=msg.room, seq=seq))
+
+
+def _peek_id(message: str | bytes) -> protocol.MessageId:
+    """The id of a message refused before parsing, when it is cheap to find."""
+    if isinstance(message, bytes) or len(message) > 4096:
+        return None
+    try:
+        return protocol.parse(message).id
+    except protocol.ProtocolError as exc:
+        return exc.id

@@ -1,0 +1,115 @@
+"""Plain HTTP on the WebSocket port, answered before the upgrade.
+
+``/healthz`` and ``/readyz`` (200 ``ok``, 503 ``draining``), ``/metrics``
+(Prometheus text), the demo page and its client module, and the checks that
+refuse a handshake: unknown path (404), method (405), HTTP/1.0 (400), foreign
+Origin (403), draining or over the connection limit (503 with Retry-After).
+Each refusal is counted by reason.
+"""
+
+from __future__ import annotations
+
+import http
+import random
+from importlib import resources
+from typing import TYPE_CHECKING
+
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+if TYPE_CHECKING:
+    from .app import Gateway
+    from .connection import GatewayConnection
+
+__all__ = ["WS_PATHS", "load_static", "process_request", "process_response"]
+
+WS_PATHS = ("/ws", "/ws/echo")
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STATIC = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/rtgateway.js": ("rtgateway.js", "text/javascript; charset=utf-8"),
+}
+
+
+def load_static() -> dict[str, tuple[bytes, str]]:
+    """The demo page and the browser client, read once at start."""
+    files: dict[str, tuple[bytes, str]] = {}
+    root = resources.files("rtgateway") / "static"
+    for path, (name, content_type) in STATIC.items():
+        entry = root / name
+        if entry.is_file():
+            files[path] = (entry.read_bytes(), content_type)
+    return files
+
+
+def _response(status: int, body: bytes, content_type: str, **headers: str) -> Response:
+    status_enum = http.HTTPStatus(status)
+    h = Headers()
+    h["Content-Type"] = content_type
+    h["Content-Length"] = str(len(body))
+    h["Connection"] = "close"
+    h["Cache-Control"] = "no-store"
+    for key, value in headers.items():
+        h[key.replace("_", "-")] = value
+    return Response(status, status_enum.phrase, h, body)
+
+
+def _text(status: int, text: str, **headers: str) -> Response:
+    return _response(status, text.encode(), "text/plain; charset=utf-8", **headers)
+
+
+def process_request(
+    gateway: Gateway, connection: GatewayConnection, request: Request
+) -> Response | None:
+    path = request.path.partition("?")[0]
+    metrics = gateway.metrics
+    if request.method not in ("GET", "HEAD"):
+        metrics.handshake_rejected("method")
+        return _text(405, "method not allowed\n", Allow="GET")
+    if path in ("/healthz", "/readyz"):
+        if gateway.draining:
+            return _text(503, "draining")
+        return _text(200, "ok")
+    if path == "/metrics":
+        return _response(200, metrics.render(), PROMETHEUS_CONTENT_TYPE)
+    if path in gateway.static:
+        body, content_type = gateway.static[path]
+        return _response(200, body, content_type)
+    if path not in WS_PATHS:
+        metrics.handshake_rejected("not_found")
+        return _text(404, "not found\n")
+    if request.method != "GET":
+        metrics.handshake_rejected("method")
+        return _text(405, "method not allowed\n", Allow="GET")
+    if request.protocol != "HTTP/1.1":
+        metrics.handshake_rejected("bad_request")
+        return _text(400, "WebSocket needs HTTP/1.1\n")
+    origin = request.headers.get("Origin")
+    allowed = gateway.config.allowed_origins
+    if allowed and origin is not None and origin not in allowed:
+        metrics.handshake_rejected("origin")
+        return _text(403, "origin not allowed\n")
+    if gateway.draining:
+        metrics.handshake_rejected("draining")
+        return _text(503, "draining; reconnect\n", Retry_After=_retry_after())
+    if metrics.connections_current >= gateway.max_connections:
+        metrics.handshake_rejected("connection_limit")
+        return _text(503, "too many connections\n", Retry_After=_retry_after())
+    return None
+
+
+def process_response(
+    gateway: Gateway, connection: GatewayConnection, request: Request, response: Response
+) -> None:
+    # websockets itself refuses handshakes with missing or bad Upgrade headers.
+    if (
+        response.status_code >= 400
+        and request.path.partition("?")[0] in WS_PATHS
+        and connection.protocol.handshake_exc is not None
+    ):
+        gateway.metrics.handshake_rejected("bad_request")
+
+
+def _retry_after() -> str:
+    # Spread reconnects so that a refused fleet does not come back at once.
+    return str(random.randint(1, 10))

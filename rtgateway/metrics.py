@@ -1,0 +1,255 @@
+"""Every metric the gateway exports, in one object with verb methods.
+
+Hot-path figures (messages, bytes, deliveries, frames per write) are plain
+integers bumped without locks — the gateway is one thread — and turned into
+Prometheus families only when ``/metrics`` is scraped. Labels come from small
+fixed sets (:data:`DISCONNECT_REASONS`, …), never from a room name or client.
+"""
+
+from __future__ import annotations
+
+import bisect
+import platform
+import time
+from collections.abc import Iterable, Sequence
+
+import prometheus_client
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+__all__ = [
+    "DISCONNECT_REASONS",
+    "HANDSHAKE_REJECTIONS",
+    "Histogram",
+    "Metrics",
+]
+
+DISCONNECT_REASONS = (
+    "client_close",
+    "drain",
+    "slow_consumer",
+    "rate_limited",
+    "protocol_error",
+    "message_too_large",
+    "ping_timeout",
+    "write_buffer",
+    "error",
+    "aborted",
+)
+HANDSHAKE_REJECTIONS = (
+    "connection_limit",
+    "draining",
+    "origin",
+    "not_found",
+    "method",
+    "bad_request",
+    "timeout",
+    "fd_limit",
+)
+DROP_POLICIES = ("drop_oldest", "drop_newest")
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+FANOUT_BUCKETS = (1, 2, 5, 10, 50, 100, 500, 1000, 5000, 10000, 20000, 50000)
+FLUSH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Histogram:
+    """A cumulative histogram with fixed buckets, cheap to observe."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+        buckets = []
+        running = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            buckets.append((_le(bound), running))
+        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
+
+
+def _le(bound: float) -> str:
+    if bound == float("inf"):
+        return "+Inf"
+    return repr(float(bound))
+
+
+class Metrics:
+    """The gateway's metrics; ``registry`` is what ``/metrics`` renders."""
+
+    def __init__(self, *, version: str, websockets_version: str) -> None:
+        self.version = version
+        self.websockets_version = websockets_version
+        self.connections_current = 0
+        self.connections_total = 0
+        self.disconnects = dict.fromkeys(DISCONNECT_REASONS, 0)
+        self.handshake_rejections = dict.fromkeys(HANDSHAKE_REJECTIONS, 0)
+        self.messages_received = 0
+        self.received_bytes = 0
+        self.messages_sent = 0
+        self.sent_bytes = 0
+        self.rooms_current = 0
+        self.room_members_current = 0
+        self.publishes = 0
+        self.deliveries = 0
+        self.protocol_errors: dict[str, int] = {}
+        self.dropped = dict.fromkeys(DROP_POLICIES, 0)
+        self.rate_limited = 0
+        self.outbox_queued_bytes = 0
+        self.draining = False
+        self.max_connections = 0
+        self.fanout = Histogram(FANOUT_BUCKETS)
+        self.publish_seconds = Histogram(LATENCY_BUCKETS)
+        self.flush_frames = Histogram(FLUSH_BUCKETS)
+        self.loop_lag = Histogram(LAG_BUCKETS)
+        self.started = time.time()
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        prometheus_client.ProcessCollector(registry=self.registry)
+        prometheus_client.PlatformCollector(registry=self.registry)
+        prometheus_client.GCCollector(registry=self.registry)
+        self.registry.register(_Collector(self))
+
+    # Verbs used by the rest of the gateway.
+
+    def connection_opened(self) -> None:
+        self.connections_current += 1
+        self.connections_total += 1
+
+    def connection_closed(self, reason: str) -> None:
+        self.connections_current -= 1
+        self.disconnects[reason] += 1
+
+    def handshake_rejected(self, reason: str) -> None:
+        self.handshake_rejections[reason] += 1
+
+    def received(self, nbytes: int) -> None:
+        self.messages_received += 1
+        self.received_bytes += nbytes
+
+    def sent(self, frames: int, nbytes: int) -> None:
+        self.messages_sent += frames
+        self.sent_bytes += nbytes
+
+    def protocol_error(self, code: str) -> None:
+        self.protocol_errors[code] = self.protocol_errors.get(code, 0) + 1
+
+    def published(self, recipients: int, seconds: float) -> None:
+        self.publishes += 1
+        self.deliveries += recipients
+        self.fanout.observe(recipients)
+        self.publish_seconds.observe(seconds)
+
+    def render(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+    def collect(self) -> Iterable[Metric]:
+        p = "rtgateway_"
+
+        def counter(name: str, doc: str, value: float) -> Metric:
+            return CounterMetricFamily(p + name, doc, value=value)
+
+        def gauge(name: str, doc: str, value: float) -> Metric:
+            return GaugeMetricFamily(p + name, doc, value=value)
+
+        def labelled(name: str, doc: str, label: str, values: dict[str, int]) -> Metric:
+            family = CounterMetricFamily(p + name, doc, labels=[label])
+            for key, value in values.items():
+                family.add_metric([key], value)
+            return family
+
+        info = GaugeMetricFamily(
+            p + "build_info",
+            "Build information; the value is 1.",
+            labels=["version", "python", "websockets"],
+        )
+        info.add_metric([self.version, platform.python_version(), self.websockets_version], 1)
+        yield info
+        yield gauge("connections_current", "Open WebSocket connections.", self.connections_current)
+        yield gauge(
+            "connections_max",
+            "Connections accepted before handshakes get 503.",
+            self.max_connections,
+        )
+        yield counter("connections", "WebSocket connections opened.", self.connections_total)
+        yield labelled(
+            "disconnects", "WebSocket connections closed, by reason.", "reason", self.disconnects
+        )
+        yield labelled(
+            "handshake_rejections",
+            "Opening handshakes refused or abandoned, by reason.",
+            "reason",
+            self.handshake_rejections,
+        )
+        yield counter("messages_received", "WebSocket messages received.", self.messages_received)
+        yield counter("received_bytes", "Payload bytes received.", self.received_bytes)
+        yield counter("messages_sent", "WebSocket frames sent by the outboxes.", self.messages_sent)
+        yield counter("sent_bytes", "Bytes written by the outboxes.", self.sent_bytes)
+        yield gauge("rooms_current", "Rooms with at least one member.", self.rooms_current)
+        yield gauge(
+            "room_members_current",
+            "Room memberships (connection, room).",
+            self.room_members_current,
+        )
+        yield counter("publishes", "Publications fanned out.", self.publishes)
+        yield counter(
+            "deliveries", "Publication frames handed to member outboxes.", self.deliveries
+        )
+        yield labelled(
+            "protocol_errors",
+            "Error replies sent to clients, by code.",
+            "code",
+            self.protocol_errors,
+        )
+        yield labelled(
+            "messages_dropped",
+            "Frames dropped by a slow-consumer drop policy.",
+            "policy",
+            self.dropped,
+        )
+        yield counter(
+            "rate_limited", "Client messages refused by the rate limit.", self.rate_limited
+        )
+        yield gauge(
+            "outbox_queued_bytes",
+            "Bytes waiting in outboxes, all connections.",
+            self.outbox_queued_bytes,
+        )
+        yield gauge("draining", "1 while the gateway drains for shutdown.", int(self.draining))
+        yield self.fanout.family(p + "fanout_recipients", "Recipients per publication.")
+        yield self.publish_seconds.family(
+            p + "publish_seconds",
+            "From a publication being read to its frame handed to every member.",
+        )
+        yield self.flush_frames.family(p + "outbox_flush_frames", "Frames per socket write.")
+        yield self.loop_lag.family(
+            p + "event_loop_lag_seconds", "How late the event loop ran a timer."
+        )
+
+
+class _Collector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self.metrics.collect()

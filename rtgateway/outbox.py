@@ -1,0 +1,217 @@
+"""The bounded per-connection send queue: the only code that writes to a socket.
+
+Frames from rooms, replies to the client and close frames all enter a
+connection's :class:`Outbox`. Frames pushed during one event-loop iteration
+leave together in one ``transport.write`` (the :class:`Flusher` runs once per
+iteration over the outboxes that got frames), so a burst of publications costs
+one system call per connection instead of one per frame. While the transport
+is above its high-water mark (the connection is *paused*) frames wait, and
+they are flushed when it drains.
+
+The queue is bounded by frames and by bytes. When it is full, the policy of
+the frame being pushed decides (Centrifugo and Phoenix hard-code one of these;
+here each room membership carries its own):
+
+- ``disconnect``: close the connection with 4008 "slow consumer";
+- ``drop_newest``: drop the frame being pushed;
+- ``drop_oldest``: drop the oldest waiting ``drop_oldest`` frames to make room.
+
+Replies (acks, errors, pongs) use ``reply``: they are never dropped; a client
+that cannot take its own replies is a slow consumer.
+
+An outbox never awaits: pushing costs the same whether the peer reads or not,
+so a room's fan-out never waits on a slow member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+import structlog
+
+from .metrics import Metrics
+
+__all__ = ["SLOW_CONSUMER", "Flusher", "Outbox", "Writable"]
+
+SLOW_CONSUMER = 4008
+_log = structlog.get_logger("rtgateway.outbox")
+
+
+class Writable(Protocol):
+    """What an outbox needs from a connection (see ``connection.GatewayConnection``)."""
+
+    transport: asyncio.Transport
+    paused: bool
+
+    def is_open(self) -> bool: ...
+
+    def send_close(self, code: int, reason: str) -> None: ...
+
+
+class Flusher:
+    """Runs :meth:`Outbox.flush` once per loop iteration for outboxes with new frames."""
+
+    __slots__ = ("dirty", "loop", "scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.dirty: list[Outbox] = []
+        self.scheduled = False
+
+    def add(self, outbox: Outbox) -> None:
+        self.dirty.append(outbox)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.run)
+
+    def run(self) -> None:
+        self.scheduled = False
+        dirty, self.dirty = self.dirty, []
+        for outbox in dirty:
+            outbox.scheduled = False
+            try:
+                outbox.flush()
+            except Exception:
+                # One broken connection must not stop delivery to the others.
+                _log.exception("outbox_flush_failed")
+                outbox.conn.transport.abort()
+
+
+class Outbox:
+    __slots__ = (
+        "close_reason",
+        "closed",
+        "conn",
+        "flusher",
+        "frames",
+        "max_bytes",
+        "max_messages",
+        "metrics",
+        "nbytes",
+        "pending_close",
+        "policies",
+        "scheduled",
+    )
+
+    def __init__(
+        self,
+        conn: Writable,
+        flusher: Flusher,
+        metrics: Metrics,
+        *,
+        max_messages: int,
+        max_bytes: int,
+    ) -> None:
+        self.conn = conn
+        self.flusher = flusher
+        self.metrics = metrics
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.frames: list[bytes] = []
+        self.policies: list[str] = []
+        self.nbytes = 0
+        self.scheduled = False
+        self.closed = False
+        # (code, reason) of a close frame to send once the queue is written.
+        self.pending_close: tuple[int, str] | None = None
+        # Why the gateway closed this connection, for the disconnect counter.
+        self.close_reason: str | None = None
+
+    def push(self, frame: bytes, policy: str) -> None:
+        """Queue one complete frame; apply ``policy`` if the outbox is full."""
+        if self.closed:
+            return
+        size = len(frame)
+        if (
+            len(self.frames) >= self.max_messages or self.nbytes + size > self.max_bytes
+        ) and not self._make_room(size, policy):
+            return
+        self.frames.append(frame)
+        self.policies.append(policy)
+        self.nbytes += size
+        self.metrics.outbox_queued_bytes += size
+        if not self.scheduled:
+            self.scheduled = True
+            self.flusher.add(self)
+
+    def _make_room(self, size: int, policy: str) -> bool:
+        if policy == "drop_newest":
+            self.metrics.dropped["drop_newest"] += 1
+            return False
+        if policy == "drop_oldest" and size <= self.max_bytes:
+            frames, policies = self.frames, self.policies
+            i = 0
+            while i < len(frames) and (
+                len(frames) >= self.max_messages or self.nbytes + size > self.max_bytes
+            ):
+                if policies[i] == "drop_oldest":
+                    self._discard(i)
+                    self.metrics.dropped["drop_oldest"] += 1
+                else:
+                    i += 1
+            if len(frames) < self.max_messages and self.nbytes + size <= self.max_bytes:
+                return True
+            self.metrics.dropped["drop_oldest"] += 1
+            return False
+        # disconnect, or a reply the client is not reading.
+        self.kill(SLOW_CONSUMER, "slow consumer", "slow_consumer")
+        return False
+
+    def _discard(self, index: int) -> None:
+        frame = self.frames.pop(index)
+        del self.policies[index]
+        self.nbytes -= len(frame)
+        self.metrics.outbox_queued_bytes -= len(frame)
+
+    def _clear(self) -> None:
+        self.metrics.outbox_queued_bytes -= self.nbytes
+        self.frames.clear()
+        self.policies.clear()
+        self.nbytes = 0
+
+    def flush(self) -> None:
+        """Write every waiting frame in one write, unless the transport is paused."""
+        conn = self.conn
+        if conn.paused:
+            return  # resume_writing() calls flush() again.
+        frames = self.frames
+        if frames:
+            if conn.is_open():
+                count = len(frames)
+                data = frames[0] if count == 1 else b"".join(frames)
+                conn.transport.write(data)
+                self.metrics.sent(count, len(data))
+                self.metrics.flush_frames.observe(count)
+            self._clear()
+        if self.pending_close is not None:
+            code, reason = self.pending_close
+            self.pending_close = None
+            conn.send_close(code, reason)
+
+    def close(self, code: int, reason: str, why: str) -> None:
+        """Close after the frames already queued, e.g. 1012 while draining."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = why
+        self.pending_close = (code, reason)
+        if not self.scheduled:
+            self.scheduled = True
+            self.flusher.add(self)
+
+    def kill(self, code: int, reason: str, why: str) -> None:
+        """Drop what is queued and send a close frame now (slow consumer, abuse)."""
+        if self.closed and self.pending_close is None:
+            return
+        self.closed = True
+        self.close_reason = why
+        self.pending_close = None
+        self._clear()
+        self.conn.send_close(code, reason)
+
+    def discard(self) -> None:
+        """Forget the queue when the connection is gone."""
+        self.closed = True
+        self.pending_close = None
+        self._clear()
