@@ -24,8 +24,8 @@ import resource
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from websockets.version import version as websockets_version
 from websockets.asyncio.server import Server, serve
+from websockets.version import version as websockets_version
 
 from . import __version__
 from .config import Config
