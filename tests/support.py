@@ -94,7 +94,12 @@ class GatewayProcess:
     """
 
     def __init__(self, env: dict[str, str] | None = None, args: list[str] | None = None):
-        self.env = {**os.environ, "RTG_ADDR": "127.0.0.1:0", "RTG_LOG_FORMAT": "json"}
+        self.env = {
+            **os.environ,
+            "RTG_ADDR": "127.0.0.1:0",
+            "RTG_API_ADDR": "",
+            "RTG_LOG_FORMAT": "json",
+        }
         self.env.update(env or {})
         self.args = args or []
         self.lines: list[str] = []
