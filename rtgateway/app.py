@@ -28,6 +28,7 @@ from websockets.asyncio.server import Server, serve
 from websockets.version import version as websockets_version
 
 from . import __version__
+from .api import ApiServer
 from .config import Config
 from .connection import SERVICE_RESTART, GatewayConnection, serve_connection
 from .http import load_static, process_request, process_response
@@ -75,6 +76,7 @@ class Gateway:
         self.ready = asyncio.Event()
         self.addresses: list[str] = []
         self.server: Server | None = None
+        self.api: ApiServer | None = None
         self.flusher: Flusher
         self.tasks: set[asyncio.Task[None]] = set()
         self.max_connections = 0
@@ -159,10 +161,15 @@ class Gateway:
             backlog=config.backlog,
         )
         self.addresses = [_format_addr(s.getsockname()) for s in self.server.sockets]
+        api_addresses: list[str] = []
+        if config.api_addr:
+            self.api = ApiServer(self)
+            await self.api.start()
+            api_addresses = self.api.addresses
         for coro in self._background():
             self._spawn(coro)
         self.notifier.notify("READY=1", f"STATUS=serving 0 connections on {config.addr}")
-        self.log.info("gateway_listening", addresses=self.addresses)
+        self.log.info("gateway_listening", addresses=self.addresses, api_addresses=api_addresses)
         self.ready.set()
 
     def _spawn(self, coro: Any) -> None:
@@ -222,7 +229,7 @@ class Gateway:
         started = loop.time()
         deadline = started + config.drain_timeout_s
 
-        # 1. Stop admitting new work.
+        # 1. Stop admitting new work (the publish API answers 503 from now on).
         self.draining = True
         self.metrics.draining = True
         count = len(self.outboxes)
@@ -250,7 +257,9 @@ class Gateway:
             self.log.warning("drain_aborted", connections=len(pending))
             await asyncio.wait(pending, timeout=1.0)
 
-        # 4. Close the listener and stop the background tasks.
+        # 4. Close the listeners and stop the background tasks.
+        if self.api is not None:
+            await self.api.stop()
         self.server.close(close_connections=False)
         try:
             await asyncio.wait_for(self.server.wait_closed(), timeout=2.0)

@@ -15,7 +15,13 @@ from rtgateway.config import Config
 
 # Defaults for in-process gateways: an ephemeral port, no stats line, a short
 # drain so that fixtures stop quickly.
-TEST_CONFIG = Config(addr="127.0.0.1:0", stats_interval_s=0, drain_window_s=0.2, drain_timeout_s=5)
+TEST_CONFIG = Config(
+    addr="127.0.0.1:0",
+    api_addr="127.0.0.1:0",
+    stats_interval_s=0,
+    drain_window_s=0.2,
+    drain_timeout_s=5,
+)
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
