@@ -177,6 +177,14 @@ def flag_name(name: str) -> str:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("addr", _addr, ":8083", "listen address: :PORT, HOST:PORT or [IPV6]:PORT", "ADDR"),
+    Setting(
+        "api_addr",
+        _optional_addr,
+        "127.0.0.1:8084",
+        "publish API listen address; empty turns it off",
+        "ADDR",
+    ),
+    Setting("api_token", str, "", "bearer token the API requires; empty = none", "TOKEN"),
     Setting("log_level", _choice(LOG_LEVELS), "info", "debug | info | warning | error", "LEVEL"),
     Setting(
         "log_format",
@@ -285,6 +293,8 @@ class Config:
     """Effective settings. Field names carry their unit (``_s``, ``_bytes``, ``_ms``)."""
 
     addr: str = ":8083"
+    api_addr: str = "127.0.0.1:8084"
+    api_token: str = ""
     log_level: str = "info"
     log_format: str = "auto"
     max_connections: int = 0
@@ -333,7 +343,10 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def as_log_fields(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        fields = dataclasses.asdict(self)
+        if fields["api_token"]:
+            fields["api_token"] = "<set>"  # never log a secret
+        return fields
 
 
 def convert(name: str, raw: str) -> Any:
