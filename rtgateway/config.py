@@ -243,6 +243,12 @@ SETTINGS: tuple[Setting, ...] = (
         "only members may publish to a room",
         "BOOL",
     ),
+    Setting(
+        "socket_sndbuf_bytes",
+        _int_at_least(0),
+        "0",
+        "kernel send buffer per connection (SO_SNDBUF), bytes; 0 lets the kernel size it",
+    ),
     Setting("max_rooms_per_connection", _int_at_least(1), "128", "rooms one connection may join"),
     Setting("outbox_max_messages", _int_at_least(1), "1024", "frames queued per connection"),
     Setting("outbox_max_bytes", _int_at_least(1024), "1048576", "bytes queued per connection"),
@@ -309,6 +315,7 @@ class Config:
     backlog: int = 4096
     allowed_origins: tuple[str, ...] = ()
     publish_requires_join: bool = True
+    socket_sndbuf_bytes: int = 0
     max_rooms_per_connection: int = 128
     outbox_max_messages: int = 1024
     outbox_max_bytes: int = 1048576

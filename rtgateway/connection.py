@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,14 @@ class GatewayConnection(ServerConnection):
             # 503: close now rather than run into EMFILE.
             gateway.metrics.handshake_rejected("fd_limit")
             self.transport.abort()
+            return
+        sndbuf = gateway.config.socket_sndbuf_bytes
+        if sndbuf:
+            # Bounds the kernel's share of a slow consumer's backlog (Linux
+            # otherwise grows it up to net.ipv4.tcp_wmem's maximum, 4 MiB).
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -263,10 +272,12 @@ class Session:
         started = time.perf_counter()
         size = len(message) if isinstance(message, bytes) else len(message.encode())
         self.gateway.metrics.received(size)
+        if self.outbox.closed:
+            return  # closing: what the client still sends is not acted on
         wait = self._rate_limited(size)
         if wait:
             if self.rejected > self.config.rate_limit_max_rejected:
-                self.outbox.kill(POLICY_VIOLATION, "rate limit exceeded", "rate_limited")
+                self.outbox.close(POLICY_VIOLATION, "rate limit exceeded", "rate_limited")
                 return
             id = _peek_id(message)
             self.error(

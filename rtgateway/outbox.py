@@ -16,8 +16,9 @@ here each room membership carries its own):
 - ``drop_newest``: drop the frame being pushed;
 - ``drop_oldest``: drop the oldest waiting ``drop_oldest`` frames to make room.
 
-Replies (acks, errors, pongs) use ``reply``: they are never dropped; a client
-that cannot take its own replies is a slow consumer.
+Replies (acks, errors, pongs) use ``reply``: they are never dropped; they may
+evict waiting ``drop_oldest`` frames, and a client whose outbox holds nothing
+else to drop is a slow consumer.
 
 An outbox never awaits: pushing costs the same whether the peer reads or not,
 so a room's fan-out never waits on a slow member.
@@ -139,7 +140,8 @@ class Outbox:
         if policy == "drop_newest":
             self.metrics.dropped["drop_newest"] += 1
             return False
-        if policy == "drop_oldest" and size <= self.max_bytes:
+        if policy in ("drop_oldest", "reply") and size <= self.max_bytes:
+            # A reply may evict drop_oldest frames too: it is never dropped itself.
             frames, policies = self.frames, self.policies
             i = 0
             while i < len(frames) and (
@@ -152,8 +154,9 @@ class Outbox:
                     i += 1
             if len(frames) < self.max_messages and self.nbytes + size <= self.max_bytes:
                 return True
-            self.metrics.dropped["drop_oldest"] += 1
-            return False
+            if policy == "drop_oldest":
+                self.metrics.dropped["drop_oldest"] += 1
+                return False
         # disconnect, or a reply the client is not reading.
         self.kill(SLOW_CONSUMER, "slow consumer", "slow_consumer")
         return False

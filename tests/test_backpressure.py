@@ -1,0 +1,268 @@
+"""M3: bounded outboxes, slow-consumer policies, the ping-flood guard, rate limits.
+
+The gateway runs as a subprocess (its own core, its own RSS to measure); the
+members are raw clients in this process. The slow consumer is real: a socket
+with a 4 KiB receive buffer that stops reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import pytest
+from support import GatewayProcess, http_get, wait_until
+from wsraw import RawClient
+
+from rtgateway.client import Client
+
+N_MESSAGES = 10_000
+N_FAST = 200
+SEQ_RE = re.compile(rb'"seq":(\d+)')
+
+
+def metric(gw: GatewayProcess, name: str, labels: str = "") -> float:
+    _, body, _ = http_get(gw.url + "/metrics")
+    for line in body.splitlines():
+        if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def rss_bytes(gw: GatewayProcess) -> int:
+    assert gw.proc is not None
+    with open(f"/proc/{gw.proc.pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def joined_raw(port: int, room: str, policy: str | None = None, **kw: object) -> RawClient:
+    client = await RawClient.connect(port, **kw)  # type: ignore[arg-type]
+    _, hello = await client.recv_frame()
+    assert json.loads(hello)["op"] == "hello"
+    join = {"op": "join", "room": room, "id": 1}
+    if policy:
+        join["policy"] = policy
+    await client.send_text(json.dumps(join))
+    _, ack = await client.recv_frame()
+    assert json.loads(ack)["op"] == "ack", ack
+    return client
+
+
+async def read_seqs(client: RawClient, count: int, progress: list[int] | None = None) -> list[int]:
+    seqs: list[int] = []
+    while len(seqs) < count:
+        opcode, payload = await client.recv_frame()
+        if opcode == 0x1:
+            match = SEQ_RE.search(payload)
+            if match:
+                seqs.append(int(match.group(1)))
+                if progress is not None:
+                    progress[0] = seqs[-1]
+        elif opcode == 0x8:
+            break
+    return seqs
+
+
+# Fast members are those that keep up: the publisher never runs more than this
+# many messages ahead of the slowest of them. (All 200 members are read by this
+# one Python process, which decodes slower than the gateway sends.)
+FAST_WINDOW = 500
+
+
+async def publish_many(
+    port: int, room: str, n: int, progress: list[list[int]] | None = None
+) -> None:
+    # The publisher is not a member (RTG_PUBLISH_REQUIRES_JOIN=false): it
+    # measures the members, not itself.
+    async with Client.connect(f"ws://127.0.0.1:{port}/ws") as pub:
+        for i in range(n):
+            if progress and i % 50 == 0:
+                while i - min(p[0] for p in progress) > FAST_WINDOW:  # noqa: ASYNC110
+                    await asyncio.sleep(0.002)
+            await pub.publish_nowait(room, {"i": i, "pad": "x" * 64})
+        # The last publish is acknowledged only after every earlier one was fanned out.
+        await pub.publish(room, {"i": "last"})
+
+
+@pytest.fixture
+def fast_gateway() -> GatewayProcess:
+    env = {
+        "RTG_RATE_LIMIT_MSGS_PER_S": "1000000",
+        "RTG_RATE_LIMIT_BURST": "1000000",
+        "RTG_RATE_LIMIT_BYTES_PER_S": "0",
+        "RTG_PUBLISH_REQUIRES_JOIN": "false",
+        # Without it Linux lets one socket hold up to 4 MiB (tcp_wmem), more
+        # than this test publishes.
+        "RTG_SOCKET_SNDBUF_BYTES": "65536",
+        # Long enough for the slow consumer to come back and read its close frame.
+        "RTG_CLOSE_TIMEOUT_S": "300",
+    }
+    with GatewayProcess(env) as gw:
+        yield gw
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("policy", ["disconnect", "drop_oldest"])
+async def test_slow_consumer_in_busy_room_does_not_slow_fast_members(
+    fast_gateway: GatewayProcess, policy: str
+) -> None:
+    gw = fast_gateway
+    assert gw.port is not None
+    fast = [await joined_raw(gw.port, "busy") for _ in range(N_FAST)]
+    slow = await joined_raw(gw.port, "busy", policy=policy, rcvbuf=4096)
+    await asyncio.sleep(0.5)
+    rss_before = rss_bytes(gw)
+
+    progress = [[0] for _ in fast]
+    readers = [
+        asyncio.create_task(read_seqs(c, N_MESSAGES + 1, p))
+        for c, p in zip(fast, progress, strict=True)
+    ]
+    await publish_many(gw.port, "busy", N_MESSAGES, progress)
+    results = await asyncio.gather(*readers)
+    rss_after = rss_bytes(gw)
+
+    # Every fast member got every message, in order, none missing.
+    expected = list(range(1, N_MESSAGES + 2))
+    for seqs in results:
+        assert seqs == expected
+
+    outbox_max_bytes, write_limit = 1 << 20, 64 << 10
+    # One slow client may hold at most its outbox and the transport's buffer;
+    # the rest is allocator slack, stated here as the bound.
+    bound = outbox_max_bytes + write_limit + outbox_max_bytes + (16 << 20)
+    assert rss_after - rss_before < bound, (rss_before, rss_after)
+
+    if policy == "disconnect":
+        # The slow consumer reads again: behind the frames already written it
+        # finds the close frame (the gateway waits RTG_CLOSE_TIMEOUT_S for the
+        # reply, then aborts; the counter moves when the connection is gone).
+        texts = await slow.recv_until_close()
+        await slow.send(0x8, (4008).to_bytes(2, "big"))
+        await slow.close()
+        wait_until(
+            lambda: metric(gw, "rtgateway_disconnects_total", '{reason="slow_consumer"}') == 1,
+            30,
+            what="slow_consumer counted",
+        )
+        assert slow.close_code == 4008
+        assert slow.close_reason == "slow consumer"
+        # Bounded: the outbox, the transport buffer and the kernel's buffers
+        # (SO_SNDBUF 64 KiB, which Linux doubles, and the 4 KiB receive buffer).
+        assert slow.bytes_received < outbox_max_bytes + write_limit + 2 * 65536 + (64 << 10)
+        assert len(texts) < N_MESSAGES
+    else:
+        assert metric(gw, "rtgateway_disconnects_total", '{reason="slow_consumer"}') == 0
+        seqs: list[int] = []
+        # Read what is left until the newest message arrives.
+        while not seqs or seqs[-1] != N_MESSAGES + 1:
+            seqs += await read_seqs(slow, 1)
+        assert seqs == sorted(seqs)
+        gaps = N_MESSAGES + 1 - len(seqs)
+        assert gaps > 0, "the slow consumer should have lost messages"
+        dropped = metric(gw, "rtgateway_messages_dropped_total", '{policy="drop_oldest"}')
+        assert dropped == gaps
+        await slow.close()
+    for c in fast:
+        await c.close()
+
+
+async def test_ping_flood_from_a_client_that_never_reads_is_cut_off() -> None:
+    with GatewayProcess() as gw:
+        assert gw.port is not None
+        flooder = await RawClient.connect(gw.port, "/ws/echo", rcvbuf=4096)
+        rss_before = rss_bytes(gw)
+        sent = 0
+        with pytest.raises(ConnectionError):
+            # 125-byte pings: each one makes the server queue a 127-byte pong.
+            for _ in range(200_000):
+                await flooder.send(0x9, b"p" * 125)
+                sent += 1
+        assert sent < 200_000
+        wait_until(
+            lambda: metric(gw, "rtgateway_disconnects_total", '{reason="write_buffer"}') == 1,
+            10,
+            what="write_buffer disconnect",
+        )
+        assert rss_bytes(gw) - rss_before < 16 << 20
+        # The gateway still serves others.
+        async with Client.connect(gw.ws_url + "/ws") as other:
+            assert (await other.ping())["op"] == "pong"
+
+
+async def test_publish_flood_gets_rate_limited_errors_then_close_1008() -> None:
+    env = {
+        "RTG_RATE_LIMIT_MSGS_PER_S": "5",
+        "RTG_RATE_LIMIT_BURST": "10",
+        "RTG_RATE_LIMIT_MAX_REJECTED": "20",
+    }
+    with GatewayProcess(env) as gw:
+        assert gw.port is not None
+        client = await joined_raw(gw.port, "flood")
+        for i in range(200):
+            await client.send_text(
+                json.dumps({"op": "publish", "room": "flood", "data": i, "id": i})
+            )
+        replies = []
+        while True:
+            opcode, payload = await client.recv_frame()
+            if opcode == 0x8:
+                break
+            if opcode == 0x1:
+                replies.append(json.loads(payload))
+        errors = [r for r in replies if r["op"] == "error"]
+        assert errors and all(e["code"] == "rate_limited" for e in errors)
+        assert all(e["retry_after_ms"] > 0 for e in errors)
+        assert errors[0]["id"] is not None
+        assert client.close_code == 1008
+        # The burst passed; 20 rejections were answered, the 21st closed it.
+        assert len(errors) == 20
+        assert metric(gw, "rtgateway_rate_limited_total") == 21
+        wait_until(
+            lambda: metric(gw, "rtgateway_disconnects_total", '{reason="rate_limited"}') == 1,
+            10,
+        )
+
+
+async def test_drop_newest_policy_keeps_the_oldest_and_counts_the_rest() -> None:
+    env = {
+        "RTG_OUTBOX_MAX_MESSAGES": "16",
+        "RTG_PUBLISH_REQUIRES_JOIN": "false",
+        "RTG_RATE_LIMIT_MSGS_PER_S": "1000000",
+        "RTG_RATE_LIMIT_BURST": "1000000",
+        "RTG_RATE_LIMIT_BYTES_PER_S": "0",
+    }
+    with GatewayProcess(env) as gw:
+        assert gw.port is not None
+        slow = await joined_raw(gw.port, "r", policy="drop_newest", rcvbuf=4096)
+        await publish_many(gw.port, "r", 3000)
+        seqs: list[int] = []
+        while True:
+            got = await asyncio.wait_for(read_seqs(slow, 1), 10)
+            seqs += got
+            if (
+                metric(gw, "rtgateway_outbox_queued_bytes") == 0
+                and len(seqs)
+                + metric(gw, "rtgateway_messages_dropped_total", '{policy="drop_newest"}')
+                >= 3001
+            ):
+                break
+        dropped = metric(gw, "rtgateway_messages_dropped_total", '{policy="drop_newest"}')
+        assert dropped > 0
+        assert len(seqs) + dropped == 3001
+        assert seqs == sorted(seqs) and seqs[0] == 1
+        await slow.close()
+
+
+async def test_client_may_choose_only_allowed_policies() -> None:
+    with GatewayProcess({"RTG_SLOW_CONSUMER_POLICIES": "disconnect,drop_oldest"}) as gw:
+        async with Client.connect(gw.ws_url + "/ws") as c:
+            ack = await c.join("a", policy="drop_oldest")
+            assert ack["policy"] == "drop_oldest"
+            with pytest.raises(Exception) as info:
+                await c.join("b", policy="drop_newest")
+            assert getattr(info.value, "code", None) == "policy_not_allowed"
