@@ -1,0 +1,377 @@
+"""Run every k6 script for a few seconds against gateways this driver starts itself.
+
+    python k6/smoke.py                      # all cases, results in results/smoke/
+    python k6/smoke.py drain --results /tmp/r --k6 /usr/bin/k6
+
+Each case starts ``python -m rtgateway`` on 127.0.0.1 (port 0, or a fixed free port below the
+ephemeral range when the case restarts it), runs one script with short DURATION and few VUs,
+and stops the gateway. For drain.js the driver waits until every client is connected, sends the
+gateway SIGTERM (it closes them with 1012 and exits) and starts a new one on the same port, so
+the clients' reconnects are real.
+
+The smoke knobs keep latency thresholds loose (a shared 2-core CI box is no place for timing
+claims) but keep every behavioural one: messages arrive, nothing is lost, clients come back.
+
+Standard library only: tests/test_k6.py imports this file by path and calls :func:`run_case`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CASES", "Case", "Gateway", "Result", "find_k6", "run_case"]
+
+ROOT = Path(__file__).resolve().parent.parent
+K6_DIR = ROOT / "k6"
+
+# Loose on purpose: these catch a broken gateway, not a slow shared machine.
+LOOSE = {"RTT_P95_MS": "2000", "RTT_P99_MS": "5000"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str  # also the results file name: results/<name>.json
+    script: str  # file in k6/
+    knobs: dict[str, str]
+    gateway_env: dict[str, str] = dataclasses.field(default_factory=dict)
+    restart: bool = False  # SIGTERM the gateway mid-run and start a new one on the same port
+
+
+CASES: dict[str, Case] = {
+    case.name: case
+    for case in [
+        Case(
+            "echo",
+            "echo.js",
+            {"VUS": "4", "DURATION": "4s", "MESSAGES": "50", "MODE": "mixed", **LOOSE},
+        ),
+        Case(
+            "rooms",
+            "rooms.js",
+            {
+                "ROOMS": "2",
+                "ROOM_SIZE": "4",
+                "RATE": "10",
+                "DURATION": "5s",
+                "SETTLE_MS": "500",
+                "TAIL_MS": "500",
+                "LATENCY_P95_MS": "2000",
+                "LATENCY_P99_MS": "5000",
+            },
+        ),
+        Case(
+            "storm",
+            "storm.js",
+            {
+                "RATE": "20",
+                "DURATION": "3s",
+                "HOLD_MS": "500",
+                "HANDSHAKE_P95_MS": "5000",
+                "HANDSHAKE_P99_MS": "10000",
+            },
+        ),
+        # A storm past a small connection limit: the excess must be answered 503 + Retry-After.
+        Case(
+            "storm-503",
+            "storm.js",
+            {
+                "RATE": "20",
+                "DURATION": "3s",
+                "HOLD_MS": "1500",
+                "MIN_SUCCESS": "0",
+                "MAX_503": "1000000",
+                "HANDSHAKE_P95_MS": "5000",
+                "HANDSHAKE_P99_MS": "10000",
+            },
+            gateway_env={"RTG_MAX_CONNECTIONS": "5"},
+        ),
+        Case(
+            "soak",
+            "soak.js",
+            {
+                "VUS": "6",
+                "DURATION": "6s",
+                "SESSION_MIN": "1s",
+                "SESSION_MAX": "2s",
+                "RATE": "4",
+                "PING_MS": "300",
+                "METRICS_INTERVAL": "1s",
+                "LATENCY_P99_MS": "5000",
+            },
+        ),
+        Case(
+            "drain",
+            "drain.js",
+            {
+                "VUS": "8",
+                "DURATION": "14s",
+                "ROOMS": "2",
+                "RATE": "4",
+                "JITTER_MS": "200",
+                "BACKOFF_MS": "100",
+                "BACKOFF_MAX_MS": "1000",
+            },
+            gateway_env={
+                "RTG_DRAIN_WINDOW_S": "1",
+                "RTG_DRAIN_TIMEOUT_S": "5",
+                "RTG_RECONNECT_DELAY_MS": "500",
+            },
+            restart=True,
+        ),
+    ]
+}
+
+
+def find_k6(explicit: str | None = None) -> str | None:
+    """``explicit``, else $K6, else the k6 next to this Python (the venv's), else PATH."""
+    for candidate in (explicit, os.environ.get("K6"), str(Path(sys.executable).parent / "k6")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return shutil.which("k6")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free port in 20000-32767: below the ephemeral range, so a restart can take it again."""
+    for _ in range(200):
+        port = random.randint(20000, 32767)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found")
+
+
+class Gateway:
+    """``python -m rtgateway`` on 127.0.0.1, its JSON log lines kept."""
+
+    def __init__(self, port: int = 0, env: dict[str, str] | None = None) -> None:
+        self.env = {
+            **os.environ,
+            "RTG_ADDR": f"127.0.0.1:{port}",
+            "RTG_LOG_FORMAT": "json",
+            "RTG_DEMO": "false",
+            "RTG_API_ADDR": "",  # the publish API's fixed default port could clash; not needed
+            **(env or {}),
+        }
+        self.port: int | None = None
+        self.lines: list[str] = []
+        self.proc: subprocess.Popen[str] | None = None
+        self._listening = threading.Event()
+
+    def start(self, timeout_s: float = 20.0) -> Gateway:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rtgateway"],
+            env=self.env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._listening.wait(timeout_s):
+            self.kill()
+            raise RuntimeError("gateway did not start:\n" + "\n".join(self.lines[-30:]))
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if self.port is None:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict) and event.get("event") == "gateway_listening":
+                    self.port = int(event["addresses"][0].rsplit(":", 1)[1])
+                    self._listening.set()
+
+    def metric(self, name: str) -> float | None:
+        """One unlabelled sample from /metrics, or None."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+        return float(match.group(1)) if match else None
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM (the gateway drains and exits 0), then SIGKILL after ``timeout_s``."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@dataclasses.dataclass
+class Result:
+    case: Case
+    returncode: int
+    summary: dict[str, Any]  # results/<name>.json, {} when k6 wrote none
+    output: str  # k6's stdout and stderr
+    gateway_logs: list[list[str]]  # one list of log lines per gateway process
+    gateway_returncodes: list[int | None]
+    seconds: float
+
+    def count(self, metric: str) -> float:
+        """A counter's total from the summary; 0 when the metric never got a sample."""
+        values = self.summary.get("metrics", {}).get(metric, {}).get("values", {})
+        return float(values.get("count", 0))
+
+    def trend(self, metric: str, stat: str = "p(95)") -> float | None:
+        values = self.summary.get("metrics", {}).get(metric, {}).get("values")
+        return None if values is None else values.get(stat)
+
+
+def _wait_for(predicate: Any, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def run_case(case: Case, k6: str, results_dir: Path, timeout_s: float = 120.0) -> Result:
+    """Start a gateway, run ``case``'s script against it, stop the gateway."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    summary_path = results_dir / f"{case.name}.json"
+    summary_path.unlink(missing_ok=True)
+    port = free_port() if case.restart else 0
+    started = time.monotonic()
+    gateways = [Gateway(port, case.gateway_env).start()]
+    try:
+        port = gateways[0].port
+        knobs = {**case.knobs, "TARGET": f"ws://127.0.0.1:{port}", "RESULTS_DIR": str(results_dir)}
+        knobs["SUMMARY_NAME"] = case.name
+        command = [k6, "run", "--quiet", "--no-usage-report"]
+        for key, value in knobs.items():
+            command += ["-e", f"{key}={value}"]
+        command.append(str(K6_DIR / case.script))
+        log_path = results_dir / f"{case.name}.log"
+        with open(log_path, "w+") as log:
+            env = {**os.environ, "K6_NO_USAGE_REPORT": "true", "K6_NO_COLOR": "true"}
+            k6_proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
+            try:
+                if case.restart:
+                    gateways.append(_restart(gateways[0], int(case.knobs["VUS"]), case))
+                returncode = k6_proc.wait(timeout_s)
+            finally:
+                if k6_proc.poll() is None:
+                    k6_proc.kill()
+                    k6_proc.wait()
+            log.seek(0)
+            output = log.read()
+    finally:
+        codes = [gw.stop() for gw in gateways]
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return Result(
+        case=case,
+        returncode=returncode,
+        summary=summary,
+        output=output,
+        gateway_logs=[gw.lines for gw in gateways],
+        gateway_returncodes=codes,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _restart(old: Gateway, clients: int, case: Case) -> Gateway:
+    """Once ``clients`` are connected, drain ``old`` and start its successor on its port."""
+    if not _wait_for(lambda: (old.metric("rtgateway_connections_current") or 0) >= clients, 20):
+        raise RuntimeError(f"{case.name}: the k6 clients did not all connect")
+    time.sleep(1.0)  # let some messages flow before the restart
+    assert old.proc is not None
+    old.proc.send_signal(signal.SIGTERM)
+    old.proc.wait(30)
+    return Gateway(old.port or 0, case.gateway_env).start()
+
+
+FIGURES = {
+    "echo": [("echo_messages", "count"), ("echo_rtt", "p(50)"), ("echo_rtt", "p(99)")],
+    "rooms": [
+        ("rooms_messages_received", "count"),
+        ("rooms_seq_gaps", "count"),
+        ("rooms_delivery_latency", "p(50)"),
+        ("rooms_delivery_latency", "p(99)"),
+    ],
+    "storm": [("storm_connections", "count"), ("ws_connecting", "p(95)")],
+    "storm-503": [("storm_connections", "count"), ("storm_rejected_503", "count")],
+    "soak": [("soak_sessions", "count"), ("soak_messages_received", "count")],
+    "drain": [
+        ("drain_close_1012", "count"),
+        ("drain_reconnects", "count"),
+        ("drain_reconnect_delay", "p(50)"),
+        ("drain_reconnect_delay", "max"),
+        ("drain_messages_after_reconnect", "count"),
+    ],
+}
+
+
+def _figures(result: Result) -> str:
+    parts = []
+    for metric, stat in FIGURES.get(result.case.name, []):
+        values = result.summary.get("metrics", {}).get(metric, {}).get("values", {})
+        value = values.get(stat, 0)
+        shown = f"{value:.2f}" if isinstance(value, float) and not value.is_integer() else value
+        parts.append(f"{metric}{'' if stat == 'count' else f' {stat}'}={shown}")
+    return ", ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("cases", nargs="*", help=f"any of {', '.join(CASES)} (default: all)")
+    parser.add_argument("--k6", help="k6 binary (default: $K6, the venv's, or PATH)")
+    parser.add_argument("--results", default=str(ROOT / "results" / "smoke"), type=Path)
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    k6 = find_k6(args.k6)
+    if k6 is None:
+        print("smoke: no k6 found; `make venv` installs it into .venv/bin", file=sys.stderr)
+        return 2
+    failed = 0
+    started = time.monotonic()
+    for name in args.cases or list(CASES):
+        result = run_case(CASES[name], k6, args.results)
+        ok = result.returncode == 0 and result.summary.get("ok", False)
+        failed += not ok
+        status = "ok  " if ok else f"FAIL (k6 exit {result.returncode})"
+        print(f"{status} {name:<10} {result.seconds:5.1f} s  {_figures(result)}", flush=True)
+        if not ok:
+            print(result.output[-4000:], file=sys.stderr)
+    print(f"smoke: {failed} failed, {time.monotonic() - started:.0f} s; results in {args.results}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
