@@ -69,7 +69,9 @@ copy_checkout() {
 fingerprint() {
     {
         cat "$UNIT_PATH" 2>/dev/null || true
-        cat "$PREFIX"/lib/python3*/site-packages/*.dist-info/RECORD 2>/dev/null || true
+        # direct_url.json names the temporary build directory: not a change.
+        cat "$PREFIX"/lib/python3*/site-packages/*.dist-info/RECORD 2>/dev/null \
+            | grep -v '/direct_url.json,' | sort || true
         "$PREFIX/bin/python" -V 2>/dev/null || true
     } | sha256sum | cut -d' ' -f1
 }
@@ -131,7 +133,7 @@ cmd_install() {
         "${pip[@]}" install --no-index --find-links "$wheels" --force-reinstall "$target"
     else
         say "installing ${from:-$CHECKOUT} (dependencies from the package index)"
-        retry "${pip[@]}" install --upgrade "${src:-$from}"
+        retry "${pip[@]}" install --use-pep517 --upgrade "${src:-$from}"
     fi
     "$PREFIX/bin/rtgateway" --version >/dev/null || die "the installed gateway does not run"
 
@@ -139,10 +141,15 @@ cmd_install() {
     # environment file is the operator's and only created.
     install -D -m 0644 "$HERE/systemd/rtgateway.service" "$UNIT_PATH"
     install -D -m 0644 "$HERE/systemd/60-rtgateway.conf" "$SYSCTL_PATH"
+    # The unit's Documentation=; it goes with the venv on uninstall.
+    if [ -f "$CHECKOUT/docs/systemd.md" ]; then
+        install -D -m 0644 "$CHECKOUT/docs/systemd.md" "$PREFIX/share/doc/rtgateway/systemd.md"
+    fi
     if [ -e "$ENV_PATH" ]; then
         say "keeping the existing $ENV_PATH"
     else
-        install -D -m 0644 "$HERE/systemd/rtgateway.env" "$ENV_PATH"
+        # 0600: it may hold RTG_API_TOKEN. systemd reads it as root.
+        install -D -m 0600 "$HERE/systemd/rtgateway.env" "$ENV_PATH"
         say "wrote $ENV_PATH (every setting, commented out)"
     fi
     # Kernel settings now as well as at boot; a container cannot change them.

@@ -327,10 +327,17 @@ def appliance(
     try:
         machine.boot()
         app = Appliance(machine, free_port())
+        api_port = free_port()
+        while api_port == app.port:
+            api_port = free_port()
         # The operator's settings exist before the install, which must keep them.
+        # The container shares the host's network: no default port may be used.
         machine.write(
             "/etc/default/rtgateway",
-            f"RTG_ADDR=127.0.0.1:{app.port}\nRTG_DRAIN_WINDOW_S=1\nRTG_STATS_INTERVAL_S=0\n",
+            f"RTG_ADDR=127.0.0.1:{app.port}\n"
+            f"RTG_API_ADDR=127.0.0.1:{api_port}\n"
+            "RTG_DRAIN_WINDOW_S=1\n"
+            "RTG_STATS_INTERVAL_S=0\n",
         )
         machine.run("/src/deploy/install.sh", "install", "--wheels", "/wheels")
         yield app
@@ -346,6 +353,9 @@ def test_install_keeps_the_operators_settings_and_the_unit_verifies(
     assert f"RTG_ADDR=127.0.0.1:{appliance.port}" in run("cat", "/etc/default/rtgateway").stdout
     assert run("cat", "/etc/sysctl.d/60-rtgateway.conf").stdout == SYSCTL.read_text()
     assert run("/opt/rtgateway/bin/rtgateway", "--version").stdout.startswith("rtgateway ")
+    # The unit's Documentation= points at the installed copy of docs/systemd.md.
+    doc = run("cat", "/opt/rtgateway/share/doc/rtgateway/systemd.md").stdout
+    assert doc == (ROOT / "docs/systemd.md").read_text()
     unit = "/etc/systemd/system/rtgateway.service"
     verify = run("systemd-analyze", "verify", unit, check=False)
     assert (verify.returncode, verify.stdout + verify.stderr) == (0, "")
@@ -404,17 +414,19 @@ async def test_status_shows_the_connection_count(appliance: Appliance) -> None:
 def test_journal_holds_the_gateways_json_log_lines(appliance: Appliance) -> None:
     appliance.start()
 
-    def listening() -> list[dict[str, object]]:
-        events = []
-        for line in appliance.machine.journal().splitlines():
-            if line.startswith("{"):
-                events.append(json.loads(line))
-        return [e for e in events if e.get("event") == "gateway_listening"]
+    def gateway_lines() -> list[str]:
+        out = appliance.machine.run(
+            "journalctl", "_SYSTEMD_UNIT=rtgateway.service", "--output=cat", "--no-pager"
+        ).stdout
+        return out.splitlines() if "gateway_listening" in out else []
 
-    events = wait_until(listening, 30, 0.5, "gateway_listening in the journal")
-    assert f"127.0.0.1:{appliance.port}" in events[-1]["addresses"]  # type: ignore[operator]
-    assert events[-1]["level"] == "info"
-    assert str(events[-1]["timestamp"]).endswith("Z")
+    lines = wait_until(gateway_lines, 30, 0.5, "gateway_listening in the journal")
+    events = [json.loads(line) for line in lines if line]  # every line is JSON
+    assert all({"event", "level", "timestamp"} <= set(e) for e in events)
+    listening = [e for e in events if e["event"] == "gateway_listening"]
+    assert f"127.0.0.1:{appliance.port}" in listening[-1]["addresses"]
+    assert listening[-1]["level"] == "info"
+    assert listening[-1]["timestamp"].endswith("Z")
 
 
 @pytest.mark.system
@@ -492,16 +504,31 @@ def test_reinstall_is_a_no_op_and_uninstall_removes_all_but_the_settings(
     appliance: Appliance,
 ) -> None:
     run = appliance.machine.run
+    install = ["/src/deploy/install.sh", "install", "--wheels", "/wheels"]
     appliance.start()
     pid = appliance.machine.show("MainPID")["MainPID"]
-    again = run("/src/deploy/install.sh", "install", "--wheels", "/wheels")
+    again = run(*install)
     assert "rtgateway is running and unchanged" in again.stdout
     assert appliance.machine.show("MainPID")["MainPID"] == pid
 
     run("/src/deploy/install.sh", "uninstall")
     assert not appliance.healthy()
-    for path in ("/opt/rtgateway", "/etc/systemd/system/rtgateway.service"):
+    assert appliance.machine.show("LoadState")["LoadState"] == "not-found"
+    for path in (
+        "/opt/rtgateway",
+        "/etc/systemd/system/rtgateway.service",
+        "/etc/sysctl.d/60-rtgateway.conf",
+    ):
         assert run("test", "-e", path, check=False).returncode == 1, path
-    assert run("test", "-e", "/etc/sysctl.d/60-rtgateway.conf", check=False).returncode == 1
     assert f"RTG_ADDR=127.0.0.1:{appliance.port}" in run("cat", "/etc/default/rtgateway").stdout
-    assert run("/src/deploy/install.sh", "uninstall").returncode == 0  # idempotent
+    run("/src/deploy/install.sh", "uninstall")  # idempotent
+
+    # With no settings file, the install writes the example, private to root.
+    run("/src/deploy/install.sh", "uninstall", "--purge")
+    assert run("test", "-e", "/etc/default/rtgateway", check=False).returncode == 1
+    run(*install, "--no-enable")
+    assert run("cat", "/etc/default/rtgateway").stdout == ENV_EXAMPLE.read_text()
+    assert run("stat", "-c", "%a %U", "/etc/default/rtgateway").stdout.split() == ["600", "root"]
+    state = appliance.machine.show("UnitFileState", "ActiveState")
+    assert state == {"UnitFileState": "disabled", "ActiveState": "inactive"}
+    run("/src/deploy/install.sh", "uninstall", "--purge")
