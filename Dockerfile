@@ -47,7 +47,7 @@ RUN /opt/build/bin/pip wheel --no-build-isolation --no-deps --wheel-dir /wheels 
     && /opt/rtgateway/bin/rtgateway --version
 
 
-FROM ${BASE_IMAGE}
+FROM ${BASE_IMAGE} AS runtime
 
 LABEL org.opencontainers.image.title="rtgateway" \
       org.opencontainers.image.description="A room-based WebSocket gateway: bounded, observable, measured." \

@@ -39,6 +39,7 @@ from websockets.asyncio.client import connect
 
 BASE_TARBALL = Path("/var/cache/rtgateway-ci/docker-base.tar")
 IMAGE = "rtgateway-ci/gateway:test"
+BUILD_IMAGE = "rtgateway-ci/gateway-build:test"
 CI_LABEL = "org.rtgateway.ci=true"
 COMPOSE_FILE = ROOT / "deploy" / "compose.yaml"
 DRAIN_TIMEOUT_S = 30  # the gateway's default RTG_DRAIN_TIMEOUT_S
@@ -120,15 +121,19 @@ def base_image(docker_engine: None) -> str:
 @pytest.fixture(scope="session")
 def image(base_image: str) -> Iterator[str]:
     """The repository's Dockerfile, built as a user would, FROM the stand-in base."""
-    docker(
-        "build",
-        "--network", "host",
-        "--build-arg", f"BASE_IMAGE={base_image}",
-        "--label", CI_LABEL,
-        "--tag", IMAGE,
-        str(ROOT),
-        timeout=900,
-    )  # fmt: skip
+    # The build stage is tagged too: untagged, it would be dangling, and pruning
+    # the builds a newer one replaced would take the dependency layers with it.
+    for target in ("build", "runtime"):
+        docker(
+            "build",
+            "--network", "host",
+            "--build-arg", f"BASE_IMAGE={base_image}",
+            "--label", CI_LABEL,
+            *(["--target", target] if target == "build" else []),
+            "--tag", IMAGE if target == "runtime" else BUILD_IMAGE,
+            str(ROOT),
+            timeout=900,
+        )  # fmt: skip
     yield IMAGE
     # Each source change leaves the previous build untagged: drop ours, keep the layer cache.
     docker("image", "prune", "--force", "--filter", f"label={CI_LABEL}", check=False)
@@ -184,9 +189,13 @@ def wait_serving(container: Container) -> None:
 
 
 def run_gateway(image: str, *docker_args: str, env: dict[str, str] | None = None) -> Container:
-    """The image on the host's network, RTG_ADDR on a free loopback port."""
+    """The image on the host's network, RTG_ADDR on a free loopback port.
+
+    The publish API is turned off: on the host's network its default address
+    (127.0.0.1:8084) would be shared by every container and any local gateway.
+    """
     container = Container(container_name(), free_port())
-    env = {"RTG_ADDR": f"127.0.0.1:{container.port}", **(env or {})}
+    env = {"RTG_ADDR": f"127.0.0.1:{container.port}", "RTG_API_ADDR": "", **(env or {})}
     docker(
         "run", "--detach", "--name", container.name, "--network", "host",
         # The image checks every 10 s; a test need not wait that long.
@@ -205,8 +214,14 @@ def run_gateway(image: str, *docker_args: str, env: dict[str, str] | None = None
 
 @pytest.fixture(scope="module")
 def container(image: str) -> Iterator[Container]:
-    """One running container shared by the tests that only look at it."""
-    running = run_gateway(image)
+    """One running container shared by the tests that only look at it.
+
+    Run locked down as the docs suggest: a read-only root file system, no
+    capabilities, no privilege gain. The gateway needs none of them.
+    """
+    running = run_gateway(
+        image, "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"
+    )
     yield running
     running.remove()
 
@@ -461,6 +476,7 @@ def test_compose_runs_the_gateway_service(image: str, tmp_path: Path) -> None:
         "    network_mode: host\n"
         "    environment:\n"
         f"      RTG_ADDR: 127.0.0.1:{port}\n"
+        '      RTG_API_ADDR: ""\n'
         "    healthcheck:\n"
         "      interval: 1s\n"
         "      start_period: 1s\n"
