@@ -17,6 +17,7 @@ if is_root; then
     if [ ! -s "$docker_base_dir/rootfs.tar" ]; then
         echo "system-deps: building the Docker stand-in base ($docker_base_recipe)"
         mkdir -p /var/cache/rtgateway-ci
+        rm -rf /var/cache/rtgateway-ci/.docker-base.*  # what a failed run left
         docker_base_tmp=$(mktemp -d /var/cache/rtgateway-ci/.docker-base.XXXXXX)
         # A failed debootstrap leaves a half-made tree: start each try afresh.
         docker_base_debootstrap() {
@@ -33,8 +34,13 @@ if is_root; then
         tar -C "$docker_base_tmp/root" --numeric-owner -cf "$docker_base_tmp/rootfs.tar" .
         rm -rf "$docker_base_tmp/root"
         rm -rf "$docker_base_dir"
+        chmod 755 "$docker_base_tmp"
         mv "$docker_base_tmp" "$docker_base_dir"
+        # Tarballs of older recipes are never used again.
+        find /var/cache/rtgateway-ci -maxdepth 1 -name 'docker-base-*' \
+            ! -path "$docker_base_dir" -exec rm -rf {} +
     fi
     ln -sfn "$docker_base_dir/rootfs.tar" /var/cache/rtgateway-ci/docker-base.tar
     unset docker_base_recipe docker_base_key docker_base_dir docker_base_tmp
+    unset -f docker_base_debootstrap
 fi
