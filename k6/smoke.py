@@ -2,12 +2,18 @@
 
     python k6/smoke.py                      # all cases, results in results/smoke/
     python k6/smoke.py drain --results /tmp/r --k6 /usr/bin/k6
+    python k6/smoke.py rooms --set ROOMS=10 --set ROOM_SIZE=50 --set DURATION=60s
+    python k6/smoke.py drain --set VUS=1000 --set DURATION=60s --gateway-env RTG_DRAIN_WINDOW_S=5
 
 Each case starts ``python -m rtgateway`` on 127.0.0.1 (port 0, or a fixed free port below the
 ephemeral range when the case restarts it), runs one script with short DURATION and few VUs,
-and stops the gateway. For drain.js the driver waits until every client is connected, sends the
-gateway SIGTERM (it closes them with 1012 and exits) and starts a new one on the same port, so
-the clients' reconnects are real.
+and stops the gateway. For drain.js the driver waits until every client is connected, sends
+the gateway SIGTERM (it closes them with 1012 and exits) and starts a new one on the same port,
+so the clients' reconnects are real.
+
+``--set`` overrides a case's knobs and ``--gateway-env`` its gateway's settings, which makes the
+driver the simplest way to take longer measurements on one machine; it prints the gateway's CPU
+seconds next to the figures (a figure per CPU-second survives a shared, noisy machine).
 
 The smoke knobs keep latency thresholds loose (a shared 2-core CI box is no place for timing
 claims) but keep every behavioural one: messages arrive, nothing is lost, clients come back.
@@ -23,6 +29,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -213,6 +220,17 @@ class Gateway:
         match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
         return float(match.group(1)) if match else None
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time of the gateway process so far (Linux /proc), or None."""
+        if self.proc is None:
+            return None
+        try:
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self, timeout_s: float = 10.0) -> int | None:
         """SIGTERM (the gateway drains and exits 0), then SIGKILL after ``timeout_s``."""
         if self.proc is None:
@@ -239,6 +257,8 @@ class Result:
     output: str  # k6's stdout and stderr
     gateway_logs: list[list[str]]  # one list of log lines per gateway process
     gateway_returncodes: list[int | None]
+    gateway_cpu_seconds: float  # all gateway processes of the case, measured before they stop
+    k6_cpu_seconds: float  # the load generator's, for comparison: both share the machine
     seconds: float
 
     def count(self, metric: str) -> float:
@@ -251,6 +271,11 @@ class Result:
         return None if values is None else values.get(stat)
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _wait_for(predicate: Any, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -260,13 +285,24 @@ def _wait_for(predicate: Any, timeout_s: float) -> bool:
     return False
 
 
-def run_case(case: Case, k6: str, results_dir: Path, timeout_s: float = 120.0) -> Result:
-    """Start a gateway, run ``case``'s script against it, stop the gateway."""
+def run_case(
+    case: Case,
+    k6: str,
+    results_dir: Path,
+    timeout_s: float = 120.0,
+    restart_after_s: float = 1.0,
+) -> Result:
+    """Start a gateway, run ``case``'s script against it, stop the gateway.
+
+    With ``case.restart``, the gateway is restarted ``restart_after_s`` after every client
+    connected.
+    """
     results_dir.mkdir(parents=True, exist_ok=True)
     summary_path = results_dir / f"{case.name}.json"
     summary_path.unlink(missing_ok=True)
     port = free_port() if case.restart else 0
     started = time.monotonic()
+    children_before = _children_cpu()
     gateways = [Gateway(port, case.gateway_env).start()]
     try:
         port = gateways[0].port
@@ -282,7 +318,8 @@ def run_case(case: Case, k6: str, results_dir: Path, timeout_s: float = 120.0) -
             k6_proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
             try:
                 if case.restart:
-                    gateways.append(_restart(gateways[0], int(case.knobs["VUS"]), case))
+                    clients = int(case.knobs["VUS"])
+                    gateways.append(_restart(gateways[0], clients, case, restart_after_s))
                 returncode = k6_proc.wait(timeout_s)
             finally:
                 if k6_proc.poll() is None:
@@ -291,7 +328,10 @@ def run_case(case: Case, k6: str, results_dir: Path, timeout_s: float = 120.0) -
             log.seek(0)
             output = log.read()
     finally:
+        cpu = sum(gw.cpu_seconds() or 0.0 for gw in gateways)
         codes = [gw.stop() for gw in gateways]
+    # Every child has been waited for now: what they used, less the gateways', is k6's.
+    k6_cpu = max(0.0, _children_cpu() - children_before - cpu)
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return Result(
         case=case,
@@ -300,15 +340,17 @@ def run_case(case: Case, k6: str, results_dir: Path, timeout_s: float = 120.0) -
         output=output,
         gateway_logs=[gw.lines for gw in gateways],
         gateway_returncodes=codes,
+        gateway_cpu_seconds=cpu,
+        k6_cpu_seconds=k6_cpu,
         seconds=time.monotonic() - started,
     )
 
 
-def _restart(old: Gateway, clients: int, case: Case) -> Gateway:
+def _restart(old: Gateway, clients: int, case: Case, after_s: float) -> Gateway:
     """Once ``clients`` are connected, drain ``old`` and start its successor on its port."""
-    if not _wait_for(lambda: (old.metric("rtgateway_connections_current") or 0) >= clients, 20):
+    if not _wait_for(lambda: (old.metric("rtgateway_connections_current") or 0) >= clients, 60):
         raise RuntimeError(f"{case.name}: the k6 clients did not all connect")
-    time.sleep(1.0)  # let some messages flow before the restart
+    time.sleep(after_s)  # let messages flow before the restart
     assert old.proc is not None
     old.proc.send_signal(signal.SIGTERM)
     old.proc.wait(30)
@@ -346,11 +388,44 @@ def _figures(result: Result) -> str:
     return ", ".join(parts)
 
 
+def _pairs(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"expected NAME=VALUE, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
+def _timeout(case: Case) -> float:
+    """How long k6 may run: the case's DURATION (a k6 duration) plus two minutes."""
+    text = case.knobs.get("DURATION", "60s")
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text) + 120.0
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text)
+    return sum(float(n) * units[u] for n, u in parts) + 120.0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("cases", nargs="*", help=f"any of {', '.join(CASES)} (default: all)")
     parser.add_argument("--k6", help="k6 binary (default: $K6, the venv's, or PATH)")
     parser.add_argument("--results", default=str(ROOT / "results" / "smoke"), type=Path)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KNOB=VALUE", help="override a k6 knob"
+    )
+    parser.add_argument(
+        "--restart-after",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="drain: restart the gateway S seconds after all clients connected (default 1)",
+    )
+    parser.add_argument(
+        "--gateway-env", action="append", default=[], metavar="RTG_X=VALUE", help="gateway setting"
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.cases) - set(CASES))
     if unknown:
@@ -359,14 +434,28 @@ def main(argv: list[str] | None = None) -> int:
     if k6 is None:
         print("smoke: no k6 found; `make venv` installs it into .venv/bin", file=sys.stderr)
         return 2
+    knobs = _pairs(parser, args.set)
+    gateway_env = _pairs(parser, args.gateway_env)
     failed = 0
     started = time.monotonic()
     for name in args.cases or list(CASES):
-        result = run_case(CASES[name], k6, args.results)
+        case = CASES[name]
+        case = dataclasses.replace(
+            case,
+            knobs={**case.knobs, **knobs},
+            gateway_env={**case.gateway_env, **gateway_env},
+        )
+        result = run_case(
+            case, k6, args.results, timeout_s=_timeout(case), restart_after_s=args.restart_after
+        )
         ok = result.returncode == 0 and result.summary.get("ok", False)
         failed += not ok
         status = "ok  " if ok else f"FAIL (k6 exit {result.returncode})"
-        print(f"{status} {name:<10} {result.seconds:5.1f} s  {_figures(result)}", flush=True)
+        print(
+            f"{status} {name:<10} {result.seconds:5.1f} s  cpu_s gateway="
+            f"{result.gateway_cpu_seconds:.2f} k6={result.k6_cpu_seconds:.2f}  {_figures(result)}",
+            flush=True,
+        )
         if not ok:
             print(result.output[-4000:], file=sys.stderr)
     print(f"smoke: {failed} failed, {time.monotonic() - started:.0f} s; results in {args.results}")
