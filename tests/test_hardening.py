@@ -24,6 +24,7 @@ from hardening_support import (
     ascrape,
     metric,
     rss_bytes,
+    scrape,
     tls_client_hello,
     tracebacks,
 )
@@ -216,6 +217,9 @@ async def test_malformed_request_gets_4xx_or_close_without_traceback(
     assert proc.port is not None
     head, statuses = BAD_REQUESTS[case]
     data = head + b"\r\n" if statuses is not None else head
+    rejected_before = sum(
+        v for (name, _), v in (await ascrape(proc.url)).items() if name == REJECTIONS
+    )
     with no_new_tracebacks(proc):
         response = await http_exchange(proc.port, data, timeout=15)
         if statuses is None:
@@ -224,7 +228,14 @@ async def test_malformed_request_gets_4xx_or_close_without_traceback(
         else:
             status = int(response.split(b" ", 2)[1])
             assert status in statuses, response[:200]
-        # The gateway still serves.
+        # Counted (bad_request, method or timeout), and the gateway still serves.
+        await eventually(
+            lambda: (
+                sum(v for (name, _), v in scrape(proc.url).items() if name == REJECTIONS)
+                == rejected_before + 1
+            ),
+            what="a handshake rejection counted",
+        )
         status, body, _ = await asyncio.to_thread(http_get, proc.url + "/healthz")
         assert (status, body) == (200, "ok")
 
