@@ -513,7 +513,10 @@ async def test_client_reports_seq_gap_and_rejects_on_error_replies(devtools: Dev
             await page.evaluate("c.close()")
             for text in ("two", "three", "four"):
                 await publish(text)
+            # A join made while closed waits for the connection.
+            await page.evaluate("window.later = c.join('later'); null")
             await page.evaluate("c.connect()")
+            assert (await page.evaluate("later"))["members"] == 1
             ack = await page.evaluate("c.publish('g', 'back')")
             assert ack["seq"] == 5
             gaps = await page.wait_for(
@@ -538,4 +541,6 @@ async def test_client_reports_seq_gap_and_rejects_on_error_replies(devtools: Dev
                 ["RtGatewayError", "not_joined"],
                 ["RtGatewayError", "invalid_room"],
             ]
+            assert await page.evaluate("c.rooms") == ["g", "later"]
+            assert (await page.evaluate("c.leave('later')"))["members"] == 0
             assert await page.evaluate("c.rooms") == ["g"]

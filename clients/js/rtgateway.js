@@ -145,6 +145,9 @@ export class RtGatewayClient extends EventTarget {
    * `closed`. The rooms are kept: connect() rejoins them.
    */
   close(code = 1000, reason = "") {
+    if (code !== 1000 && !(code >= 3000 && code <= 4999)) {
+      throw new RangeError("close code must be 1000 or 3000-4999"); // what browsers allow
+    }
     clearTimeout(this.#reconnectTimer);
     this.#reconnectTimer = null;
     const ws = this.#ws;
@@ -164,12 +167,8 @@ export class RtGatewayClient extends EventTarget {
    */
   join(room, { policy } = {}) {
     this.#rooms.set(room, { policy });
-    this.#queue = this.#queue.filter((req) => {
-      // A newer join of the same room replaces a queued one.
-      if (req.msg.op !== "join" || req.msg.room !== room) return true;
-      this.#settle(req, null, new RtGatewayError("cancelled", `joined ${room} again`));
-      return false;
-    });
+    // A newer join of the same room replaces a queued one.
+    this.#cancelQueuedJoins(room, `joined ${room} again`);
     return this.#request(policy ? { op: "join", room, policy } : { op: "join", room });
   }
 
@@ -177,11 +176,7 @@ export class RtGatewayClient extends EventTarget {
   leave(room) {
     this.#rooms.delete(room);
     this.#lastSeq.delete(room);
-    for (const req of [...this.#queue]) {
-      if (req.msg.op === "join" && req.msg.room === room) {
-        this.#settle(req, null, new RtGatewayError("cancelled", `left ${room}`));
-      }
-    }
+    this.#cancelQueuedJoins(room, `left ${room}`);
     if (this.#state !== "open") return Promise.resolve(null);
     return this.#request({ op: "leave", room });
   }
@@ -370,6 +365,11 @@ export class RtGatewayClient extends EventTarget {
     if (queued !== -1) this.#queue.splice(queued, 1);
     if (error) req.reject(error);
     else req.resolve(value);
+  }
+
+  #cancelQueuedJoins(room, why) {
+    const joins = this.#queue.filter((req) => req.msg.op === "join" && req.msg.room === room);
+    for (const req of joins) this.#settle(req, null, new RtGatewayError("cancelled", why));
   }
 
   #failAll(error) {
