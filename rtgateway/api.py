@@ -110,6 +110,7 @@ STOP_TIMEOUT_S: Final = 5.0
 # sends for a while before closing: closing a socket with unread data makes
 # the kernel send RST, and the peer could lose the response (RFC 9112 §9.6).
 LINGER_S: Final = 2.0
+REFUSAL_LINGER_S: Final = 0.25
 LINGER_MAX_BYTES: Final = 1 << 20
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
@@ -320,6 +321,7 @@ class ApiServer:
         self,
         gateway: Gateway,
         *,
+        addr: str | None = None,
         max_connections: int = MAX_CONNECTIONS,
         header_timeout_s: float = HEADER_TIMEOUT_S,
         body_timeout_s: float = BODY_TIMEOUT_S,
@@ -329,6 +331,7 @@ class ApiServer:
         self.gateway = gateway
         self.config = gateway.config
         self.log = gateway.log.bind(listener="api")
+        self.addr = self.config.api_addr if addr is None else addr
         self.max_connections = max_connections
         self.header_timeout_s = header_timeout_s
         self.body_timeout_s = body_timeout_s
@@ -343,11 +346,12 @@ class ApiServer:
         self.server: asyncio.Server | None = None
         self.connections = 0
         self.closing = False
-        self.tasks: set[asyncio.Task[Any]] = set()  # one per connection, owned here
+        # One task per connection (started by asyncio, owned here) and its writer.
+        self.writers: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
         self.idle: set[asyncio.Task[Any]] = set()  # those waiting for a request
 
     async def start(self) -> None:
-        host, port = parse_addr(self.config.api_addr)
+        host, port = parse_addr(self.addr)
         self.server = await asyncio.start_server(
             self._serve,
             host or None,
@@ -370,39 +374,37 @@ class ApiServer:
             return
         self.closing = True
         self.server.close()
+        # Closing the transport ends a handler, cancelling it would not: Python
+        # 3.11's start_server callback logs a cancelled handler as an error.
         for task in list(self.idle):
-            task.cancel()  # waiting for a request: nothing is lost
-        busy = set(self.tasks)
-        cancelled = 0
+            self.writers[task].close()  # waiting for a request: nothing is lost
+        busy = set(self.writers)
+        aborted = 0
         if busy:
             _, pending = await asyncio.wait(busy, timeout=STOP_TIMEOUT_S)
             for task in pending:
-                task.cancel()
-            cancelled = len(pending)
-            await asyncio.gather(*busy, return_exceptions=True)
+                if task in self.writers:
+                    self.writers[task].transport.abort()
+            aborted = len(pending)
+            await asyncio.wait(busy, timeout=1.0)
         try:
             await asyncio.wait_for(self.server.wait_closed(), timeout=2.0)
         except TimeoutError:
             self.log.warning("api_listener_close_timeout")
         self.gateway.metrics.registry.unregister(self.metrics)
         self.server = None
-        self.log.info("api_stopped", connections=len(busy), cancelled=cancelled)
+        self.log.info("api_stopped", connections=len(busy), aborted=aborted)
 
     # One connection.
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self.tasks.add(task)
+        self.writers[task] = writer
         self.connections += 1
         try:
             if self.connections > self.max_connections:
-                refusal = ApiError(
-                    "unavailable", "too many API connections", close=True, headers=_retry_after()
-                )
-                await self._send(writer, refusal.response(), None)
-                self.metrics.observe(OTHER, refusal.status, 0.0)
-                await self._linger(reader, writer)
+                await self._refuse(reader, writer)
                 return
             first = True
             while not self.closing and await self._exchange(reader, writer, first):
@@ -413,8 +415,21 @@ class ApiServer:
             self.log.exception("api_connection_failed")
         finally:
             self.connections -= 1
-            self.tasks.discard(task)
+            del self.writers[task]
             writer.close()
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections > 2 * self.max_connections:
+            # A flood: answering costs a descriptor for a while, dropping does not.
+            writer.transport.abort()
+            self.metrics.observe(OTHER, 503, 0.0)
+            return
+        refusal = ApiError(
+            "unavailable", "too many API connections", close=True, headers=_retry_after()
+        )
+        await self._send(writer, refusal.response(), None)
+        self.metrics.observe(OTHER, refusal.status, 0.0)
+        await self._linger(reader, writer, REFUSAL_LINGER_S)
 
     async def _exchange(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bool
@@ -497,12 +512,14 @@ class ApiServer:
             return False
         return True
 
-    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _linger(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, linger_s: float = LINGER_S
+    ) -> None:
         if writer.can_write_eof():
             writer.write_eof()
         dropped = 0
         try:
-            async with asyncio.timeout(LINGER_S):
+            async with asyncio.timeout(linger_s):
                 while dropped < LINGER_MAX_BYTES:
                     data = await reader.read(65536)
                     if not data:
@@ -598,7 +615,8 @@ class ApiServer:
             return b""
         elif not (length.isascii() and length.isdigit()):
             raise ApiError("bad_request", "malformed Content-Length", close=True)
-        elif int(length) > limit:
+        # int() refuses more than 4300 digits: anything past 18 is too large anyway.
+        elif len(length) > 18 or int(length) > limit:
             raise ApiError(
                 "message_too_large", f"the body may be at most {limit} bytes", close=True
             )
