@@ -16,6 +16,7 @@ passes an event set by SIGTERM/SIGINT; tests pass their own), then drains:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import platform
@@ -70,8 +71,9 @@ class Gateway:
         self.notifier = notifier or Notifier()
         self.static = load_static() if config.demo else {}
         self.server_name = f"rtgateway/{__version__}"
-        self.outboxes: set[Outbox] = set()
-        self.sockets = 0
+        self.outboxes: set[Outbox] = set()  # one per open WebSocket
+        self.sessions_done = asyncio.Event()  # set whenever outboxes becomes empty
+        self.connections: set[GatewayConnection] = set()  # every accepted socket
         self.draining = False
         self.ready = asyncio.Event()
         self.addresses: list[str] = []
@@ -244,18 +246,25 @@ class Gateway:
         # 2. Close with 1012 in paced batches.
         await self._close_paced(config.drain_window_s)
 
-        # 3. Wait for the handlers, then abort the stragglers.
+        # 3. Wait for the WebSocket sessions, then abort the stragglers, and
+        # sockets that never finished a handshake (browsers open spare ones):
+        # nothing else would end them before the open timeout.
+        if self.outboxes:
+            self.sessions_done.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self.sessions_done.wait(), timeout=max(0.0, deadline - loop.time())
+                )
+        aborted = len(self.outboxes)
+        for outbox in list(self.outboxes):
+            outbox.close_reason = outbox.close_reason or "drain"
+        for conn in list(self.connections):
+            conn.transport.abort()
+        if aborted:
+            self.log.warning("drain_aborted", connections=aborted)
         pending = {t for t in self.server.handler_tasks if not t.done()}
         if pending:
-            _, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
-        if pending:
-            for outbox in list(self.outboxes):
-                outbox.close_reason = outbox.close_reason or "drain"
-                outbox.conn.transport.abort()
-            for conn in list(self.server.all_connections):
-                conn.transport.abort()
-            self.log.warning("drain_aborted", connections=len(pending))
-            await asyncio.wait(pending, timeout=1.0)
+            await asyncio.wait(pending, timeout=2.0)
 
         # 4. Close the listeners and stop the background tasks.
         if self.api is not None:
@@ -273,7 +282,7 @@ class Gateway:
             "drain_finished",
             duration_s=round(loop.time() - started, 3),
             closed=count,
-            aborted=len(pending),
+            aborted=aborted,
             background_tasks_cancelled=len(tasks),
         )
 
@@ -281,14 +290,21 @@ class Gateway:
         outboxes = list(self.outboxes)
         if not outboxes:
             return
+        loop = asyncio.get_running_loop()
         batches = max(1, int(window_s / DRAIN_TICK_S))
         size = math.ceil(len(outboxes) / batches)
+        window_ms = round(window_s * 1000)
         base = self.config.reconnect_delay_ms
+        spread = max(base, window_ms)
+        end = loop.time() + window_s
         for start in range(0, len(outboxes), size):
             if start:
                 await asyncio.sleep(DRAIN_TICK_S)
+            # Come back once this process has gone (the rest of the window,
+            # then the base delay), spread as widely as the closes were.
+            remaining_ms = max(0, round((end - loop.time()) * 1000))
             for outbox in outboxes[start : start + size]:
-                delay = random.randint(base, 2 * base) if base else 0
+                delay = remaining_ms + base + random.randint(0, spread)
                 outbox.close(SERVICE_RESTART, f"service restart; retry_after_ms={delay}", "drain")
 
 

@@ -226,7 +226,7 @@ SETTINGS: tuple[Setting, ...] = (
         "reconnect_delay_ms",
         _int_at_least(0),
         "1000",
-        "base reconnect delay advertised with 1012; each client gets base..2*base, ms",
+        "reconnect delay advertised with 1012 after the drain window; jittered, ms",
     ),
     Setting("backlog", _int_at_least(1), "4096", "listen backlog, connections", "N"),
     Setting(
@@ -334,6 +334,13 @@ class Config:
                 env_name("drain_window_s"),
                 f"a window shorter than RTG_DRAIN_TIMEOUT_S ({self.drain_timeout_s:g})",
                 f"{self.drain_window_s:g}",
+            )
+        if self.outbox_max_bytes < self.max_message_bytes:
+            raise ConfigError(
+                env_name("outbox_max_bytes"),
+                f"at least RTG_MAX_MESSAGE_BYTES ({self.max_message_bytes}) so that one "
+                "message fits",
+                str(self.outbox_max_bytes),
             )
         if self.slow_consumer_policy not in self.slow_consumer_policies:
             raise ConfigError(

@@ -54,14 +54,14 @@ class GatewayConnection(ServerConnection):
         self.made_at = 0.0
         self.abort_handle: asyncio.TimerHandle | None = None
 
-    # Socket accounting: every accepted socket, handshake done or not.
+    # Accounting: every accepted socket, handshake done or not.
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         gateway = self.gateway
         self.made_at = self.loop.time()
-        gateway.sockets += 1
-        if gateway.sockets > gateway.max_sockets:
+        gateway.connections.add(self)
+        if len(gateway.connections) > gateway.max_sockets:
             # Past the connection limit plus the sockets kept for answering
             # 503: close now rather than run into EMFILE.
             gateway.metrics.handshake_rejected("fd_limit")
@@ -78,11 +78,11 @@ class GatewayConnection(ServerConnection):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         gateway = self.gateway
-        gateway.sockets -= 1
+        gateway.connections.discard(self)
         if self.abort_handle is not None:
             self.abort_handle.cancel()
             self.abort_handle = None
-        if self.request is None and gateway.sockets < gateway.max_sockets:
+        if self.request is None and len(gateway.connections) < gateway.max_sockets:
             if self.loop.time() - self.made_at >= gateway.config.open_timeout_s * 0.95:
                 gateway.metrics.handshake_rejected("timeout")
             elif self.protocol.handshake_exc is not None:
@@ -165,6 +165,8 @@ async def serve_connection(gateway: Gateway, conn: GatewayConnection) -> None:
         outbox.kill(INTERNAL_ERROR, "internal error", "error")
     finally:
         gateway.outboxes.discard(outbox)
+        if not gateway.outboxes:
+            gateway.sessions_done.set()
         outbox.discard()
         reason = _disconnect_reason(conn, outbox)
         metrics.connection_closed(reason)
@@ -295,14 +297,22 @@ class Session:
         except protocol.ProtocolError as exc:
             self.error(exc.code, exc.message, exc.id)
             return
-        if isinstance(msg, protocol.Publish):
-            await self.publish(msg, started)
-        elif isinstance(msg, protocol.Join):
-            self.join(msg)
-        elif isinstance(msg, protocol.Leave):
-            self.leave(msg)
-        else:
-            self.reply(protocol.pong(msg.id))
+        try:
+            if isinstance(msg, protocol.Publish):
+                await self.publish(msg, started)
+            elif isinstance(msg, protocol.Join):
+                self.join(msg)
+            elif isinstance(msg, protocol.Leave):
+                self.leave(msg)
+            else:
+                self.reply(protocol.pong(msg.id))
+        except ConnectionClosed:
+            raise
+        except Exception:
+            # A bug handling one message costs that message, not the
+            # connection; the log has the traceback.
+            self.gateway.log.exception("message_failed", conn_id=self.conn_id)
+            self.error("internal", "the gateway failed to handle this message", msg.id)
 
     def join(self, msg: protocol.Join) -> None:
         if self.gateway.draining:

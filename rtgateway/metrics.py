@@ -22,6 +22,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from .protocol import ERROR_CODES
+
 __all__ = [
     "DISCONNECT_REASONS",
     "HANDSHAKE_REJECTIONS",
@@ -112,7 +114,7 @@ class Metrics:
         self.room_members_current = 0
         self.publishes = 0
         self.deliveries = 0
-        self.protocol_errors: dict[str, int] = {}
+        self.protocol_errors = dict.fromkeys(ERROR_CODES, 0)
         self.dropped = dict.fromkeys(DROP_POLICIES, 0)
         self.rate_limited = 0
         self.outbox_queued_bytes = 0
@@ -152,7 +154,7 @@ class Metrics:
         self.sent_bytes += nbytes
 
     def protocol_error(self, code: str) -> None:
-        self.protocol_errors[code] = self.protocol_errors.get(code, 0) + 1
+        self.protocol_errors[code] += 1
 
     def published(self, recipients: int, seconds: float) -> None:
         self.publishes += 1

@@ -137,11 +137,11 @@ class Outbox:
             self.flusher.add(self)
 
     def _make_room(self, size: int, policy: str) -> bool:
-        if policy == "drop_newest":
-            self.metrics.dropped["drop_newest"] += 1
+        if policy == "drop_newest" or (policy == "drop_oldest" and size > self.max_bytes):
+            # (A frame larger than the whole outbox can never fit: drop it.)
+            self.metrics.dropped[policy] += 1
             return False
-        if policy in ("drop_oldest", "reply") and size <= self.max_bytes:
-            # A reply may evict drop_oldest frames too: it is never dropped itself.
+        if size <= self.max_bytes:  # drop_oldest or reply: evict drop_oldest frames
             frames, policies = self.frames, self.policies
             i = 0
             while i < len(frames) and (
@@ -157,7 +157,7 @@ class Outbox:
             if policy == "drop_oldest":
                 self.metrics.dropped["drop_oldest"] += 1
                 return False
-        # disconnect, or a reply the client is not reading.
+        # disconnect, or a reply that cannot fit: the client is not reading.
         self.kill(SLOW_CONSUMER, "slow consumer", "slow_consumer")
         return False
 

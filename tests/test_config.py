@@ -1,0 +1,105 @@
+"""Configuration: environment, flags, defaults and the one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rtgateway import __version__
+from rtgateway.config import SETTINGS, ConfigError, env_name, flag_name, load, parse_addr
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rtgateway", *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (":8083", ("", 8083)),
+        ("127.0.0.1:9000", ("127.0.0.1", 9000)),
+        ("[::]:8083", ("::", 8083)),
+        ("[::1]:0", ("::1", 0)),
+        ("localhost:80", ("localhost", 80)),
+    ],
+)
+def test_parse_addr_accepts_the_documented_forms(text: str, expected: tuple[str, int]) -> None:
+    assert parse_addr(text) == expected
+
+
+@pytest.mark.parametrize("text", ["8083", "host", ":99999", "[nothex]:1", "::1:80", ""])
+def test_parse_addr_refuses_other_forms(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_addr(text)
+
+
+def test_defaults_match_the_settings_table() -> None:
+    config = load({})
+    assert config.addr == ":8083"
+    assert config.max_message_bytes == 65536
+    assert config.drain_timeout_s == 30
+    assert config.backlog == 4096
+    assert config.outbox_max_bytes == 1 << 20
+    assert config.slow_consumer_policy == "disconnect"
+    assert config.max_rooms_per_connection == 128
+
+
+def test_environment_sets_values_and_flags_beat_it() -> None:
+    config = load(
+        {"RTG_ADDR": "127.0.0.1:9000", "RTG_MAX_CONNECTIONS": "10"}, {"max_connections": "20"}
+    )
+    assert config.addr == "127.0.0.1:9000"
+    assert config.max_connections == 20
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"RTG_ADDR": "nope"}, "RTG_ADDR: expected :PORT, HOST:PORT or [IPV6]:PORT"),
+        ({"RTG_MAX_CONNECTIONS": "-1"}, "RTG_MAX_CONNECTIONS: expected an integer >= 0"),
+        ({"RTG_PING_INTERVAL_S": "soon"}, "RTG_PING_INTERVAL_S: expected a number of seconds"),
+        ({"RTG_LOG_LEVEL": "loud"}, "RTG_LOG_LEVEL: expected debug | info | warning | error"),
+        ({"RTG_SLOW_CONSUMER_POLICY": "ignore"}, "RTG_SLOW_CONSUMER_POLICY: expected disconnect"),
+        ({"RTG_ALLOWED_ORIGINS": "example.com"}, "RTG_ALLOWED_ORIGINS: expected a comma-separated"),
+        ({"RTG_DEMO": "maybe"}, "RTG_DEMO: expected true or false"),
+        ({"RTG_DRAIN_WINDOW_S": "40"}, "RTG_DRAIN_WINDOW_S: expected a window shorter"),
+    ],
+)
+def test_invalid_values_name_the_setting_and_what_it_accepts(
+    env: dict[str, str], fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(env)
+    assert str(info.value).startswith(fragment)
+
+
+def test_cli_invalid_value_exits_2_with_one_line() -> None:
+    result = cli(env={"RTG_ADDR": "nope"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("rtgateway: error: RTG_ADDR: expected")
+
+
+def test_cli_help_lists_every_setting_with_its_default() -> None:
+    result = cli("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for setting in SETTINGS:
+        assert flag_name(setting.name) in text
+        assert env_name(setting.name) in text
+
+
+def test_cli_version() -> None:
+    result = cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"rtgateway {__version__}"
