@@ -220,7 +220,7 @@ class Session:
         self.conn = conn
         self.outbox = outbox
         self.conn_id = conn_id
-        self.rooms: set[str] = set()
+        self.rooms: dict[str, str] = {}  # room -> this connection's policy there
         now = conn.loop.time()
         config = self.config
         self.msg_bucket = TokenBucket(config.rate_limit_msgs_per_s, config.rate_limit_burst, now)
@@ -318,6 +318,13 @@ class Session:
         if self.gateway.draining:
             self.error("draining", "the gateway is restarting; reconnect", msg.id)
             return
+        joined = self.rooms.get(msg.room)
+        if joined is not None:
+            # Joining twice is acknowledged and changes nothing.
+            if msg.id is not None:
+                members = self.hub.members(msg.room)
+                self.reply(protocol.ack(msg.id, room=msg.room, members=members, policy=joined))
+            return
         policy = msg.policy or self.config.slow_consumer_policy
         if policy not in self.config.slow_consumer_policies:
             self.error(
@@ -326,14 +333,14 @@ class Session:
                 msg.id,
             )
             return
-        if msg.room not in self.rooms and len(self.rooms) >= self.config.max_rooms_per_connection:
+        if len(self.rooms) >= self.config.max_rooms_per_connection:
             self.error(
                 "too_many_rooms",
                 f"at most {self.config.max_rooms_per_connection} rooms per connection",
                 msg.id,
             )
             return
-        self.rooms.add(msg.room)
+        self.rooms[msg.room] = policy
         members = self.hub.join(msg.room, self.outbox, policy)
         if msg.id is not None:
             self.reply(protocol.ack(msg.id, room=msg.room, members=members, policy=policy))
@@ -342,7 +349,7 @@ class Session:
         if msg.room not in self.rooms:
             self.error("not_joined", f"not a member of {msg.room}", msg.id)
             return
-        self.rooms.discard(msg.room)
+        del self.rooms[msg.room]
         members = self.hub.leave(msg.room, self.outbox)
         if msg.id is not None:
             self.reply(protocol.ack(msg.id, room=msg.room, members=members))

@@ -55,8 +55,9 @@ async def test_join_publish_leave_flow(gateway: RunningGateway) -> None:
 
 async def test_join_twice_is_acknowledged_and_changes_nothing(gateway: RunningGateway) -> None:
     async with Client.connect(gateway.ws_url) as c:
-        assert (await c.join("r"))["members"] == 1
-        assert (await c.join("r"))["members"] == 1
+        assert (await c.join("r", policy="drop_oldest"))["members"] == 1
+        again = await c.join("r", policy="drop_newest")
+        assert again["members"] == 1 and again["policy"] == "drop_oldest"
         await c.publish("r", 1)
         assert (await c.next_message(5))["seq"] == 1
         await c.ping()
