@@ -37,8 +37,8 @@ system-deps:
 check: lint typecheck
 
 lint: venv
-	$(BIN)/ruff check rtgateway tests bench
-	$(BIN)/ruff format --check rtgateway tests bench
+	$(BIN)/ruff check rtgateway tests bench k6
+	$(BIN)/ruff format --check rtgateway tests bench k6
 
 typecheck: venv
 	$(BIN)/mypy

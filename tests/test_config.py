@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,9 @@ def test_cli_version() -> None:
     result = cli("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"rtgateway {__version__}"
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [env_name(s.name) for s in SETTINGS if f"`{env_name(s.name)}`" not in readme]
+    assert not missing, f"README.md lacks {missing}"
