@@ -27,6 +27,7 @@ if [ "${1:-}" = "--path" ]; then
     exit 0
 fi
 if [ -f "$ROOT/.complete" ]; then
+    touch "$ROOT.used" 2>/dev/null || true
     echo "$ROOT"
     exit 0
 fi
@@ -35,9 +36,22 @@ fi
 command -v debootstrap >/dev/null || { echo "systemd-rootfs: needs debootstrap" >&2; exit 1; }
 
 mkdir -p "$CACHE"
-# Recipes that no longer match this file: a stale tree is ~300 MB.
-for old in "$CACHE"/systemd-rootfs-*; do
-    [ -e "$old" ] && [ "$old" != "$ROOT" ] && rm -rf --one-file-system "$old"
+# One builder at a time: two test runs may start together on a cold cache.
+exec 9>"$CACHE/systemd-rootfs.lock"
+flock 9
+if [ -f "$ROOT/.complete" ]; then
+    echo "$ROOT"
+    exit 0
+fi
+# Trees of other recipes (~200 MB each) that no checkout used for two days.
+# Not sooner: checkouts of older and newer versions of this file may share the
+# machine, and each would otherwise delete the other's tree.
+for used in "$CACHE"/systemd-rootfs-*.used; do
+    [ -e "$used" ] || continue
+    old=${used%.used}
+    if [ "$old" != "$ROOT" ] && [ -z "$(find "$used" -mmin -2880)" ]; then
+        rm -rf --one-file-system "$old" "$used"
+    fi
 done
 
 build="$ROOT.tmp"
@@ -69,4 +83,5 @@ rm -rf "$build/var/cache/apt/archives/"*.deb "$build/var/lib/apt/lists/"*
 
 touch "$build/.complete"
 mv "$build" "$ROOT"
+touch "$ROOT.used"
 echo "$ROOT"
