@@ -90,6 +90,16 @@ class GatewayConnection(ServerConnection):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        # websockets sets close_deadline when it fails the connection or
+        # answers a close frame here, but only a pending send enforces it: a
+        # peer that never closes TCP would hold the socket until a keepalive
+        # ping, or forever without keepalive.
+        if (
+            self.close_deadline is not None
+            and self.abort_handle is None
+            and not self.transport.is_closing()
+        ):
+            self.abort_handle = self.loop.call_at(self.close_deadline, self.transport.abort)
         # websockets answers pings inside data_received, bypassing any write
         # limit: a peer that sends pings and never reads would grow this
         # buffer without bound.

@@ -8,6 +8,7 @@ fixed sets (:data:`DISCONNECT_REASONS`, …), never from a room name or client.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import platform
 import time
@@ -238,6 +239,12 @@ class Metrics:
             self.outbox_queued_bytes,
         )
         yield gauge("draining", "1 while the gateway drains for shutdown.", int(self.draining))
+        try:
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # scraped from outside the event loop (tests)
+            pass
+        else:
+            yield gauge("tasks_current", "asyncio tasks alive in the gateway's event loop.", tasks)
         yield self.fanout.family(p + "fanout_recipients", "Recipients per publication.")
         yield self.publish_seconds.family(
             p + "publish_seconds",

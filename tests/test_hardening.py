@@ -704,7 +704,7 @@ async def test_file_descriptor_exhaustion_is_refused_quietly_and_service_recover
         assert not tracebacks(gw.lines)
 
 
-# Row: a peer that never closes TCP after the closing handshake (open bug).
+# Row: a peer that never closes TCP after the closing handshake.
 
 LINGERING: dict[str, bytes] = {
     "after_1009": encode_frame(OP_TEXT, b"x" * 4097),
@@ -713,12 +713,6 @@ LINGERING: dict[str, bytes] = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open bug (docs/hardening.md): after a close handshake websockets runs by "
-    "itself, the gateway waits for the peer's FIN until the next keepalive ping, "
-    "not close_timeout_s; forever with RTG_PING_INTERVAL_S=0",
-)
 @pytest.mark.parametrize("case", list(LINGERING))
 async def test_peer_that_never_closes_tcp_is_dropped_after_the_close_timeout(case: str) -> None:
     async with gateway(max_message_bytes=4096, ping_interval_s=0, close_timeout_s=0.3) as gw:
