@@ -2,6 +2,10 @@
 
 Signals are handled here, at the edge: the first SIGTERM or SIGINT starts the
 drain, a second one exits at once with status 1.
+
+With ``RTG_WORKERS`` > 1 this process becomes the supervisor
+(:mod:`rtgateway.supervisor`), which runs this same command once per worker
+with the worker's index in the environment.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import os
 import signal
 import sys
 
+import structlog
 import uvloop
 
 from . import __version__, log
 from .config import SETTINGS, Config, ConfigError, env_name, flag_name, load
+from .worker import ADDR_ENV, WorkerInfo
 
 __all__ = ["main"]
 
@@ -48,10 +54,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"rtgateway: error: {exc}", file=sys.stderr)
         sys.exit(2)
     log.configure(config.log_level, config.log_format)
-    sys.exit(run(config))
+    worker = WorkerInfo.from_environ(os.environ, config.workers)
+    if config.workers > 1 and worker is None:
+        from .supervisor import supervise
+
+        sys.exit(supervise(config, sys.argv[1:] if argv is None else argv))
+    if worker is not None:
+        # The supervisor resolved the address (a port 0 becomes one port for all).
+        config = config.replace(addr=os.environ.get(ADDR_ENV, config.addr))
+        structlog.contextvars.bind_contextvars(worker=worker.index)
+    sys.exit(run(config, worker))
 
 
-def run(config: Config) -> int:
+def run(config: Config, worker: WorkerInfo | None = None) -> int:
     from .app import Gateway
 
     logger = log.get_logger()
@@ -69,7 +84,7 @@ def run(config: Config) -> int:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
-        await Gateway(config).serve(stop.wait)
+        await Gateway(config, worker=worker).serve(stop.wait)
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

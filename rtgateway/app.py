@@ -22,8 +22,9 @@ import math
 import platform
 import random
 import resource
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import Server, serve
 from websockets.version import version as websockets_version
@@ -37,7 +38,11 @@ from .log import get_logger
 from .metrics import Metrics
 from .outbox import Flusher, Outbox
 from .rooms import Hub
+
+if TYPE_CHECKING:
+    from .broker import RedisBroker
 from .systemd import Notifier, watchdog_interval
+from .worker import WorkerInfo, WorkerSocket, render_host
 
 __all__ = ["Gateway", "raise_nofile_limit"]
 
@@ -45,6 +50,7 @@ LAG_SAMPLE_INTERVAL_S = 0.25
 STATUS_INTERVAL_S = 2.0
 DRAIN_TICK_S = 0.05
 WRITE_LIMIT_BYTES = 64 * 1024
+BROKER_START_WAIT_S = 2.0
 
 
 def raise_nofile_limit() -> tuple[int, int]:
@@ -63,11 +69,27 @@ def raise_nofile_limit() -> tuple[int, int]:
 class Gateway:
     """One gateway process: the listener, the rooms, the connections, the metrics."""
 
-    def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        notifier: Notifier | None = None,
+        worker: WorkerInfo | None = None,
+    ) -> None:
         self.config = config
+        self.worker = worker  # None: a single-process gateway
         self.log = get_logger()
         self.metrics = Metrics(version=__version__, websockets_version=websockets_version)
         self.hub = Hub(self.metrics)
+        self.broker: RedisBroker | None = None
+        if config.broker_url:
+            from .broker import RedisBroker  # only deployments with Redis import redis
+
+            self.broker = RedisBroker(self.hub, config.broker_url, self.metrics, self.log)
+            self.hub.broker = self.broker
+            self.metrics.broker_connected = False
+        self.worker_socket: WorkerSocket | None = None
+        self.last_tick = time.monotonic()  # the event loop's heartbeat, for the supervisor
         self.notifier = notifier or Notifier()
         self.static = load_static() if config.demo else {}
         self.server_name = f"rtgateway/{__version__}"
@@ -96,6 +118,8 @@ class Gateway:
             "slow_consumer_policies": list(config.slow_consumer_policies),
             "ping_interval_s": config.ping_interval_s,
         }
+        # Fields the hello carries besides the limits: which worker answered.
+        self.hello_extra: dict[str, Any] = {} if worker is None else {"worker": worker.index}
 
     async def serve(self, shutdown_trigger: Callable[[], Awaitable[Any]]) -> None:
         """Start, run until ``shutdown_trigger()`` returns, then drain and stop."""
@@ -161,18 +185,45 @@ class Gateway:
             open_timeout=config.open_timeout_s,
             close_timeout=config.close_timeout_s,
             backlog=config.backlog,
+            # Workers share the port; the kernel spreads connections over them.
+            reuse_port=config.workers > 1,
         )
         self.addresses = [_format_addr(s.getsockname()) for s in self.server.sockets]
         api_addresses: list[str] = []
-        if config.api_addr:
+        # One publish API per host: worker 0 serves it (publications reach
+        # every worker through the broker).
+        if config.api_addr and (self.worker is None or self.worker.index == 0):
             self.api = ApiServer(self)
             await self.api.start()
             api_addresses = self.api.addresses
         for coro in self._background():
             self._spawn(coro)
+        if self.broker is not None:
+            await self._connect_broker()
+        if self.worker is not None:
+            self._serve_worker_socket(self.worker)
         self.notifier.notify("READY=1", f"STATUS=serving 0 connections on {config.addr}")
         self.log.info("gateway_listening", addresses=self.addresses, api_addresses=api_addresses)
         self.ready.set()
+
+    async def _connect_broker(self) -> None:
+        assert self.broker is not None
+        self._spawn(self.broker.run())
+        # Give Redis a moment so that the first publishes do not fail; the
+        # gateway serves without it (publishes get ``unavailable``) if not.
+        try:
+            await asyncio.wait_for(self.broker.up.wait(), BROKER_START_WAIT_S)
+        except TimeoutError:
+            self.log.warning("broker_unavailable_at_start", url=self.config.broker_url)
+
+    def _serve_worker_socket(self, worker: WorkerInfo) -> None:
+        self.worker_socket = WorkerSocket(
+            worker.socket_path(),
+            self.metrics.render_local,
+            lambda: time.monotonic() - self.last_tick,
+        )
+        self.worker_socket.start()
+        self.metrics.render_hook = lambda: render_host(worker, self.metrics.render_local())
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -193,6 +244,7 @@ class Gateway:
         while True:
             before = loop.time()
             await asyncio.sleep(LAG_SAMPLE_INTERVAL_S)
+            self.last_tick = time.monotonic()
             self.metrics.loop_lag.observe(max(0.0, loop.time() - before - LAG_SAMPLE_INTERVAL_S))
 
     async def _report_status(self) -> None:
@@ -278,6 +330,10 @@ class Gateway:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.broker is not None:
+            await self.broker.close()
+        if self.worker_socket is not None:
+            self.worker_socket.stop()
         self.log.info(
             "drain_finished",
             duration_s=round(loop.time() - started, 3),

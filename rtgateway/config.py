@@ -17,6 +17,7 @@ import ipaddress
 import math
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -74,6 +75,21 @@ def _addr(text: str) -> str:
 
 def _optional_addr(text: str) -> str:
     return _addr(text) if text else ""
+
+
+def _broker_url(text: str) -> str:
+    text = text.strip()
+    if not text:
+        return ""
+    accepted = "redis://HOST:PORT[/DB] or empty"
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        raise ValueError(accepted) from None
+    if parts.scheme != "redis" or not parts.hostname or not re.fullmatch(r"/?\d*", parts.path):
+        raise ValueError(accepted)
+    return text
 
 
 def _bool(text: str) -> bool:
@@ -289,6 +305,21 @@ SETTINGS: tuple[Setting, ...] = (
         "stats_interval_s", _seconds(), "60", "period of the stats log line, seconds (0 = off)"
     ),
     Setting("demo", _bool, "true", "serve the demo page at /", "BOOL"),
+    Setting(
+        "workers",
+        _int_at_least(1),
+        "1",
+        "gateway processes sharing the port (SO_REUSEPORT); > 1 needs RTG_BROKER_URL",
+        "N",
+    ),
+    Setting(
+        "broker_url",
+        _broker_url,
+        "",
+        "Redis that carries publications between workers and hosts: redis://HOST:PORT[/DB]; "
+        "empty = this process only",
+        "URL",
+    ),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -327,8 +358,17 @@ class Config:
     rate_limit_max_rejected: int = 50
     stats_interval_s: float = 60.0
     demo: bool = True
+    workers: int = 1
+    broker_url: str = ""
 
     def __post_init__(self) -> None:
+        if self.workers > 1 and not self.broker_url:
+            raise ConfigError(
+                env_name("broker_url"),
+                f"a redis://HOST:PORT[/DB] URL when RTG_WORKERS is {self.workers} "
+                "(workers share rooms through it)",
+                self.broker_url,
+            )
         if self.drain_window_s >= self.drain_timeout_s:
             raise ConfigError(
                 env_name("drain_window_s"),

@@ -12,7 +12,7 @@ import asyncio
 import bisect
 import platform
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import prometheus_client
 from prometheus_client.core import (
@@ -126,6 +126,13 @@ class Metrics:
         self.flush_frames = Histogram(FLUSH_BUCKETS)
         self.loop_lag = Histogram(LAG_BUCKETS)
         self.started = time.time()
+        # The broker between processes (Redis): None when there is none.
+        self.broker_connected: bool | None = None
+        self.broker_reconnects = 0
+        self.broker_errors = 0
+        # Set on a worker of a multi-process gateway: renders the whole host
+        # (this worker and its siblings) instead of this process alone.
+        self.render_hook: Callable[[], bytes] | None = None
 
         self.registry = CollectorRegistry(auto_describe=True)
         prometheus_client.ProcessCollector(registry=self.registry)
@@ -163,7 +170,19 @@ class Metrics:
         self.fanout.observe(recipients)
         self.publish_seconds.observe(seconds)
 
+    def broker_error(self) -> None:
+        self.broker_errors += 1
+
+    def broker_reconnected(self) -> None:
+        self.broker_reconnects += 1
+
     def render(self) -> bytes:
+        """What ``/metrics`` answers: this process, or the whole host under workers."""
+        if self.render_hook is not None:
+            return self.render_hook()
+        return self.render_local()
+
+    def render_local(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
 
     def collect(self) -> Iterable[Metric]:
@@ -245,6 +264,22 @@ class Metrics:
             pass
         else:
             yield gauge("tasks_current", "asyncio tasks alive in the gateway's event loop.", tasks)
+        if self.broker_connected is not None:
+            yield gauge(
+                "broker_connected",
+                "1 while the connection to the broker (Redis) is up.",
+                int(self.broker_connected),
+            )
+            yield counter(
+                "broker_reconnects",
+                "Connections to the broker made again after losing it.",
+                self.broker_reconnects,
+            )
+            yield counter(
+                "broker_errors",
+                "Broker failures: lost connections, failed publishes, bad payloads.",
+                self.broker_errors,
+            )
         yield self.fanout.family(p + "fanout_recipients", "Recipients per publication.")
         yield self.publish_seconds.family(
             p + "publish_seconds",

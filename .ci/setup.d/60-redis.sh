@@ -1,0 +1,6 @@
+# Scale-out tests (tests/test_scaleout.py): workers and gateways share rooms
+# through a real Redis. Sourced by scripts/system-deps.sh (bash, set -euo
+# pipefail). The package's own service is not started here: the tests start
+# `redis-server --port <free port> --save '' --appendonly no` themselves, and
+# stop and restart it to prove recovery.
+apt_install redis-server
