@@ -140,12 +140,13 @@ class RedisBroker:
 
     def room_opened(self, room: str) -> None:
         self.rooms.add(room)
-        self.confirmed[room] = asyncio.Event()
+        # Reopened before the reader unsubscribed it: still subscribed, and
+        # the event still says whether Redis confirmed it.
+        self.confirmed.setdefault(room, asyncio.Event())
         self.changed.set()
 
     def room_closed(self, room: str) -> None:
         self.rooms.discard(room)
-        self.confirmed.pop(room, None)
         self.changed.set()
 
     # The reader: connection, subscriptions, delivery, reconnection.
@@ -200,6 +201,8 @@ class RedisBroker:
         if removed:
             await pubsub.unsubscribe(*(CHANNEL + r for r in removed))
         self.subscribed = set(wanted)
+        for room in self.confirmed.keys() - wanted:
+            del self.confirmed[room]
 
     async def _read(self, pubsub: Any) -> None:
         prefix = len(CHANNEL)

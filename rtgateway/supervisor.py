@@ -158,6 +158,8 @@ class Supervisor:
                 preexec_fn=_die_with_parent,
             )
             self.log.info("worker_started", worker=slot.index, pid=slot.proc.pid)
+            if self.stopping:  # stop() began while this worker was being started
+                slot.proc.send_signal(signal.SIGTERM)
             rc = await slot.proc.wait()
             slot.ready = False
             if self.stopping:

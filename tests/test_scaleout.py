@@ -16,10 +16,13 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -437,3 +440,88 @@ async def test_single_gateway_with_redis_numbers_from_redis(redis_server: RedisS
         assert (message["seq"], message["data"]) == (1, "first")
         assert time.time() * 1000 - message["ts"] < 60_000
         await a.ws.close()
+
+
+class NotifySocket:
+    """A real ``NOTIFY_SOCKET``: what arrives on it, and from which process."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.settimeout(0.2)
+        self.received: list[tuple[float, int, str]] = []  # (monotonic, sender pid, line)
+        self.closed = False
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        creds = struct.calcsize("iII")
+        while not self.closed:
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(creds))
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            pid = -1
+            for level, kind, value in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = struct.unpack("iII", value[:creds])[0]
+            now = time.monotonic()
+            for line in data.decode().splitlines():
+                self.received.append((now, pid, line))
+
+    def lines(self, prefix: str) -> list[tuple[float, int, str]]:
+        return [r for r in list(self.received) if r[2].startswith(prefix)]
+
+    def close(self) -> None:
+        self.closed = True
+        self.thread.join(2)
+        self.sock.close()
+
+
+async def test_supervisor_alone_speaks_to_systemd(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    notify = NotifySocket(str(tmp_path / "notify"))
+    try:
+        env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"}
+        with supervisor(redis_server, **env) as gw:
+            assert gw.proc is not None
+            await asyncio.to_thread(wait_until, lambda: notify.lines("READY=1"), 10, what="READY=1")
+            events = [e.get("event") for e in gw.events]
+            ready_at = events.index("supervisor_ready")
+            assert events[:ready_at].count("worker_ready") == 2
+            # Workers never get NOTIFY_SOCKET: everything comes from the supervisor.
+            assert {pid for _, pid, _ in notify.received} == {gw.proc.pid}
+            assert len(notify.lines("READY=1")) == 1
+
+            def fed_since(moment: float) -> bool:
+                return any(t > moment for t, _, _ in notify.lines("WATCHDOG=1"))
+
+            start = time.monotonic()
+            await asyncio.to_thread(wait_until, lambda: fed_since(start), 10, what="WATCHDOG=1")
+            # A stalled worker stops the feeding: systemd would restart the service.
+            stalled = gw.worker_pid(0)
+            os.kill(stalled, signal.SIGSTOP)
+            try:
+                await asyncio.to_thread(
+                    wait_until,
+                    lambda: not fed_since(time.monotonic() - 1.5),
+                    30,
+                    what="the watchdog no longer fed",
+                )
+            finally:
+                os.kill(stalled, signal.SIGCONT)
+            resumed = time.monotonic()
+            await asyncio.to_thread(
+                wait_until, lambda: fed_since(resumed), 15, what="feeding resumed"
+            )
+            gw.signal(signal.SIGTERM)
+            assert await asyncio.to_thread(gw.wait, 20) == 0
+            assert notify.lines("STOPPING=1")
+            assert {pid for _, pid, _ in notify.received} == {gw.proc.pid}
+    finally:
+        notify.close()
