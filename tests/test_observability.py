@@ -120,6 +120,7 @@ GATEWAY_ENV = {
     # closed as a slow consumer (4008) before the rate limit closes it (1008).
     "RTG_OUTBOX_MAX_MESSAGES": "64",
     "RTG_OUTBOX_MAX_BYTES": "32768",
+    "RTG_MAX_MESSAGE_BYTES": "16384",  # an outbox must hold one max-size message
     # A small kernel send buffer: the slow consumer's backlog lands in the
     # outbox instead of in 4 MiB of socket buffers.
     "RTG_SOCKET_SNDBUF_BYTES": "4096",
