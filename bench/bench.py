@@ -54,6 +54,8 @@ from loadclient import worker_main
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE: dict[str, Any] = {}  # --py-spy: where to write, and which fan-out to profile
+GATEWAY_SRC: list[str | None] = [None]  # --gateway-src: a directory holding rtgateway/
+VERSUS: list[str] = []  # --versus: a directory whose rtgateway/ stands in for the baseline
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 HOST = "127.0.0.1"
 PER_WORKER_MAX = 9000  # sockets per load process: the 20000-files limit, with room
@@ -83,12 +85,16 @@ def _pin_cpu0() -> None:
 class Server:
     """A server subprocess (gateway or baseline) and its /proc figures."""
 
-    def __init__(self, kind: str, mode: str) -> None:
+    def __init__(
+        self, kind: str, mode: str, argv: list[str] | None = None, src: str | None = None
+    ) -> None:
         self.kind = kind
         self.mode = mode
         python = sys.executable
+        cwd = src or ROOT  # `python -m` imports rtgateway from its working directory first
         if kind == "gateway":
-            cmd = [python, "-m", "rtgateway"]
+            # argv: a wrapper script in place of `-m rtgateway` (bench/heap.py).
+            cmd = [python, *(argv or ["-m", "rtgateway"])]
             env = {**os.environ, **GATEWAY_ENV}
             self.path = "/ws/echo" if mode == "echo" else "/ws"
         else:
@@ -98,7 +104,7 @@ class Server:
             self.path = "/"
         self.proc = subprocess.Popen(
             cmd,
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -130,8 +136,13 @@ class Server:
                 self.tail.append(line.strip()[:300])
 
     def cpu_s(self) -> float:
+        user, system = self.cpu_split()
+        return user + system
+
+    def cpu_split(self) -> tuple[float, float]:
+        """(user, system) CPU seconds: utime and stime from /proc/PID/stat."""
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
     def rss_bytes(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -315,7 +326,12 @@ class Scenario:
 
 
 def run_scenario(kind: str, sc: Scenario) -> dict[str, dict[str, Any]]:
-    server = Server(kind, sc.mode)
+    if kind == "baseline" and VERSUS:
+        # --versus DIR: the "baseline" is the gateway found in DIR (an A/B of a change).
+        server = Server("gateway", sc.mode, src=VERSUS[0])
+        server.kind = "gateway"
+    else:
+        server = Server(kind, sc.mode, src=GATEWAY_SRC[0] if kind == "gateway" else None)
     load = Load(sc.workers or workers_for(sc.clients))
     try:
         return _measure(server, load, sc)
@@ -351,7 +367,8 @@ def _phase(
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     load.call_all("reset")
-    cpu0 = server.cpu_s()
+    user0, sys0 = server.cpu_split()
+    cpu0 = user0 + sys0
     syscw0 = server.write_syscalls()
     hist0 = server.flush_histogram()
     if sc.mode == "echo":
@@ -405,9 +422,12 @@ def _phase(
         if now_received != received:
             received = now_received
             last_change = time.monotonic()
-    cpu = server.cpu_s() - cpu0
+    user1, sys1 = server.cpu_split()
+    cpu = user1 + sys1 - cpu0
     out.update(
         published=pub["sent"],
+        # Where the server's CPU goes: Python (user) or the kernel's write path (system).
+        system_share=round((sys1 - sys0) / cpu, 3) if cpu else None,
         acked=pub["acked"],
         deliveries=received,
         lost=max(0, expected - received) + (pub["sent"] - pub["acked"]),
@@ -508,6 +528,7 @@ FIGURES = (
     ("p95_ms", "latency p95 ms", False),
     ("p99_ms", "latency p99 ms", False),
     ("max_ms", "latency max ms", False),
+    ("system_share", "server CPU share in the kernel", False),
     ("kib_per_conn", "KiB per connection", False),
     ("writes_per_delivery", "write syscalls per delivery", False),
     ("lost", "messages lost", False),
@@ -549,6 +570,15 @@ def main() -> int:
         default=30000.0,
         help="offered load of the fixed-rate phases (default 30000)",
     )
+    parser.add_argument(
+        "--gateway-src", default=None, help="run the rtgateway package found in this directory"
+    )
+    parser.add_argument(
+        "--versus",
+        default=None,
+        metavar="DIR",
+        help="A/B: compare against the rtgateway package in DIR instead of stock websockets",
+    )
     parser.add_argument("--fanout", default="", help="comma list of subscriber counts")
     parser.add_argument("--idle", type=int, default=0, help="connections of the idle scenario")
     parser.add_argument(
@@ -563,6 +593,9 @@ def main() -> int:
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
     scenarios = [sc for sc in plan(args) if not only or sc.name in only]
+    GATEWAY_SRC[0] = args.gateway_src
+    if args.versus:
+        VERSUS.append(args.versus)
     if args.py_spy:
         PROFILE["svg"] = args.py_spy
         PROFILE["subs"] = max(sc.clients for sc in scenarios if sc.name == "fanout")
