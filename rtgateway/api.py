@@ -1,23 +1,18 @@
 """The publish API: backends publish to rooms over HTTP, on a listener of its own.
 
-A small HTTP/1.1 server on asyncio streams (keep-alive, pipelining,
-``Content-Length`` and chunked bodies, ``Expect: 100-continue``) that answers
-the routes in :data:`ROUTES` with JSON; ``docs/api.yaml`` describes them.
-It sits beside the WebSocket listener, never on it: the WebSocket port faces
-browsers, this one faces the backends and should stay private.
+The routes in :data:`ROUTES` answer with JSON; ``docs/api.yaml`` describes
+them. The wire (parsing, keep-alive, bodies, the listener, its limits and
+deadlines) is :mod:`rtgateway.http11`'s; this module is what it serves. It sits
+beside the WebSocket listener, never on it: the WebSocket port faces browsers,
+this one faces the backends and should stay private.
 
 Publications go through :meth:`Hub.publish <rtgateway.rooms.Hub.publish>`,
 the very call a WebSocket client's publish makes, so members see one ``seq``
 sequence in one order whichever side published. The room protocol's rules
 apply (room names, size, encodability, its error codes); HTTP adds a few codes
-of its own (:data:`HTTP_ERROR_CODES`).
-
-What a peer can make it hold is bounded: connections (``max_connections``,
-503 past it), the request head (size, header count, ``header_timeout_s``), the
-body (its limit is refused from ``Content-Length`` before reading and counted
-while a chunked body is read; ``body_timeout_s``), idle keep-alive time, and
-the time a response may take to be read. The bearer token is compared in
-constant time and never logged.
+of its own (:data:`HTTP_ERROR_CODES`). Body limits are set here per route:
+``RTG_MAX_MESSAGE_BYTES``, :data:`BATCH_BODY_FACTOR` times it for a batch. The
+bearer token is compared in constant time and never logged.
 
 This module must not touch WebSocket connections or outboxes: it only calls
 the hub.
@@ -25,17 +20,10 @@ the hub.
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import heapq
 import hmac
-import http
 import json
-import random
-import re
-import time
 from collections.abc import Iterable
-from email.utils import formatdate
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, unquote
@@ -46,13 +34,34 @@ from prometheus_client.registry import Collector
 from . import __version__, protocol
 from .config import parse_addr
 from .connection import MESSAGE_ENVELOPE_BYTES
+from .http11 import (
+    BODY_TIMEOUT_S,
+    HEADER_TIMEOUT_S,
+    IDLE_TIMEOUT_S,
+    MAX_CONNECTIONS,
+    OTHER,
+    WRITE_TIMEOUT_S,
+    BodyReader,
+    HttpError,
+    HttpServer,
+    Request,
+    Response,
+    retry_after,
+)
 from .metrics import LATENCY_BUCKETS, Histogram
 from .rooms import BrokerUnavailable
 
 if TYPE_CHECKING:
     from .app import Gateway
 
-__all__ = ["API_ERROR_CODES", "ENDPOINTS", "HTTP_ERROR_CODES", "ApiError", "ApiServer"]
+__all__ = [
+    "API_ERROR_CODES",
+    "ENDPOINTS",
+    "HTTP_ERROR_CODES",
+    "MAX_BATCH_ITEMS",
+    "ApiError",
+    "ApiServer",
+]
 
 # Codes for failures that only HTTP has; the room protocol's codes mean the same here.
 HTTP_ERROR_CODES: Final = (
@@ -80,6 +89,15 @@ STATUS_OF: Final = {
     "draining": 503,
     "unavailable": 503,
 }
+# The code of each status that the HTTP layer refuses with on its own.
+CODE_OF: Final = {
+    400: "bad_request",
+    408: "request_timeout",
+    413: "message_too_large",
+    431: "bad_request",
+    500: "internal",
+    503: "unavailable",
+}
 
 # Route templates and their methods. The template is the ``endpoint`` label.
 ROUTES: Final = {
@@ -90,40 +108,16 @@ ROUTES: Final = {
     "/api/info": ("GET", "HEAD"),
     "/api/openapi.yaml": ("GET", "HEAD"),
 }
-OTHER: Final = "other"  # the endpoint label of requests that matched no route
 ENDPOINTS: Final = (*ROUTES, OTHER)
 ROOM_PREFIX: Final = "/api/rooms/"
 
-MAX_CONNECTIONS: Final = 256
-MAX_HEAD_BYTES: Final = 16 * 1024
-MAX_HEADERS: Final = 64
 MAX_BATCH_ITEMS: Final = 100
 BATCH_BODY_FACTOR: Final = 16  # a batch body may be this many times RTG_MAX_MESSAGE_BYTES
 MAX_PAGE: Final = 1000
 DEFAULT_PAGE: Final = 100
-HEADER_TIMEOUT_S: Final = 10.0
-BODY_TIMEOUT_S: Final = 10.0
-IDLE_TIMEOUT_S: Final = 15.0
-WRITE_TIMEOUT_S: Final = 10.0
-STOP_TIMEOUT_S: Final = 5.0
-# After an error that leaves a body unread, read and drop what the peer still
-# sends for a while before closing: closing a socket with unread data makes
-# the kernel send RST, and the peer could lose the response (RFC 9112 §9.6).
-LINGER_S: Final = 2.0
-REFUSAL_LINGER_S: Final = 0.25
-LINGER_MAX_BYTES: Final = 1 << 20
-
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-REQUEST_LINE_RE: Final = re.compile(rb"(" + _TOKEN + rb") (/[^ \x00-\x1f\x7f]*) HTTP/(1\.[01])")
-HEADER_RE: Final = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*")
-CHUNK_SIZE_RE: Final = re.compile(rb"[0-9A-Fa-f]{1,8}")
-# Headers that a request may carry once: two lengths are request smuggling.
-SINGLE_HEADERS: Final = frozenset(
-    ("content-length", "transfer-encoding", "host", "authorization", "content-type")
-)
 
 
-class ApiError(Exception):
+class ApiError(HttpError):
     """A request the API refuses: answered with ``{"error": {"code", "message"}}``.
 
     ``close`` ends the connection after the answer (the request could not be
@@ -142,102 +136,25 @@ class ApiError(Exception):
         index: int | None = None,
     ) -> None:
         assert code in API_ERROR_CODES, code
-        super().__init__(message)
+        super().__init__(status or STATUS_OF[code], message, close=close, headers=headers)
         self.code = code
-        self.message = message
-        self.status = status or STATUS_OF[code]
-        self.close = close
-        self.headers = headers or {}
         self.index = index
+
+    @classmethod
+    def from_http(cls, error: HttpError) -> ApiError:
+        """The API's form of a refusal from the HTTP layer."""
+        if isinstance(error, ApiError):
+            return error
+        code = CODE_OF.get(error.status, "internal" if error.status >= 500 else "bad_request")
+        return cls(
+            code, error.message, status=error.status, close=error.close, headers=error.headers
+        )
 
     def response(self) -> Response:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.index is not None:
             error["index"] = self.index
         return Response.json(self.status, {"error": error}, self.headers, close=self.close)
-
-
-@dataclasses.dataclass(slots=True)
-class Request:
-    method: str
-    path: str
-    query: str
-    version: str
-    headers: dict[str, str]
-    endpoint: str = OTHER
-    body_pending: bool = False
-
-    @property
-    def keep_alive(self) -> bool:
-        # HTTP/1.0 peers get one request per connection.
-        tokens = self.headers.get("connection", "").lower().replace(" ", "").split(",")
-        return self.version == "1.1" and "close" not in tokens
-
-
-@dataclasses.dataclass(slots=True)
-class Response:
-    status: int
-    body: bytes
-    content_type: str
-    headers: dict[str, str] = dataclasses.field(default_factory=dict)
-    close: bool = False
-
-    @classmethod
-    def json(
-        cls, status: int, obj: Any, headers: dict[str, str] | None = None, close: bool = False
-    ) -> Response:
-        body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-        return cls(status, body, "application/json", headers or {}, close)
-
-    def encode(self, server: str, keep_alive: bool, head_only: bool) -> bytes:
-        lines = [
-            f"HTTP/1.1 {self.status} {http.HTTPStatus(self.status).phrase}",
-            f"Date: {formatdate(usegmt=True)}",
-            f"Server: {server}",
-            f"Content-Type: {self.content_type}",
-            f"Content-Length: {len(self.body)}",
-            "Cache-Control: no-store",
-            "X-Content-Type-Options: nosniff",
-            f"Connection: {'keep-alive' if keep_alive else 'close'}",
-            *(f"{name}: {value}" for name, value in self.headers.items()),
-        ]
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        return head if head_only else head + self.body
-
-
-def parse_head(head: bytes) -> Request:
-    """Parse a request line and header fields (RFC 9112 §2-5); raise :exc:`ApiError`."""
-    lines = head.lstrip(b"\r\n").split(b"\r\n")
-    match = REQUEST_LINE_RE.fullmatch(lines[0])
-    if match is None:
-        raise ApiError("bad_request", "malformed request line", close=True)
-    if len(lines) > MAX_HEADERS + 3:
-        raise ApiError("bad_request", "too many header fields", status=431, close=True)
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if not line:
-            continue  # the empty line that ends the head
-        field = HEADER_RE.fullmatch(line)
-        if field is None:
-            # Includes obsolete line folding and whitespace before the colon,
-            # which RFC 9112 §5.1-5.2 says to reject.
-            raise ApiError("bad_request", "malformed header field", close=True)
-        name = field.group(1).decode("ascii").lower()
-        value = field.group(2).decode("latin-1")
-        if name in headers:
-            if name in SINGLE_HEADERS:
-                raise ApiError("bad_request", f"{name} given more than once", close=True)
-            value = f"{headers[name]}, {value}"
-        headers[name] = value
-    method, target, version = match.group(1).decode(), match.group(2).decode(), match.group(3)
-    path, _, query = target.partition("?")
-    request = Request(method, path, query, version.decode(), headers)
-    if request.version == "1.1" and "host" not in headers:
-        raise ApiError("bad_request", "Host is required", close=True)
-    request.body_pending = "transfer-encoding" in headers or headers.get(
-        "content-length", "0"
-    ).strip() not in ("", "0")
-    return request
 
 
 def route(path: str) -> tuple[str, str | None]:
@@ -269,11 +186,6 @@ def load_json(body: bytes) -> Any:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
-
-
-def _retry_after() -> dict[str, str]:
-    # Spread the retries of a refused fleet of backends.
-    return {"Retry-After": str(random.randint(1, 5))}
 
 
 class ApiMetrics(Collector):
@@ -315,7 +227,7 @@ class ApiMetrics(Collector):
 
 
 class ApiServer:
-    """The publish API's listener and the connections it serves."""
+    """The publish API's listener: an :class:`~rtgateway.http11.HttpServer` answered here."""
 
     def __init__(
         self,
@@ -332,34 +244,33 @@ class ApiServer:
         self.config = gateway.config
         self.log = gateway.log.bind(listener="api")
         self.addr = self.config.api_addr if addr is None else addr
-        self.max_connections = max_connections
-        self.header_timeout_s = header_timeout_s
-        self.body_timeout_s = body_timeout_s
-        self.idle_timeout_s = idle_timeout_s
-        self.write_timeout_s = write_timeout_s
         self.token = self.config.api_token.encode()
         self.max_body_bytes = self.config.max_message_bytes
         self.max_batch_bytes = BATCH_BODY_FACTOR * self.config.max_message_bytes
         self.spec = (resources.files("rtgateway") / "static" / "api.yaml").read_bytes()
         self.metrics = ApiMetrics()
         self.addresses: list[str] = []
-        self.server: asyncio.Server | None = None
-        self.connections = 0
-        self.closing = False
-        # One task per connection (started by asyncio, owned here) and its writer.
-        self.writers: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
-        self.idle: set[asyncio.Task[Any]] = set()  # those waiting for a request
+        self.http = HttpServer(
+            self,
+            name="API",
+            log=self.log,
+            server_name=gateway.server_name,
+            max_connections=max_connections,
+            header_timeout_s=header_timeout_s,
+            body_timeout_s=body_timeout_s,
+            idle_timeout_s=idle_timeout_s,
+            write_timeout_s=write_timeout_s,
+        )
+
+    @property
+    def connections(self) -> int:
+        """Connections open now, refused ones included until they close."""
+        return self.http.connections
 
     async def start(self) -> None:
         host, port = parse_addr(self.addr)
-        self.server = await asyncio.start_server(
-            self._serve,
-            host or None,
-            port,
-            limit=MAX_HEAD_BYTES,
-            backlog=min(self.config.backlog, 1024),
-        )
-        self.addresses = [_format_addr(s.getsockname()) for s in self.server.sockets]
+        await self.http.start(host or None, port, backlog=min(self.config.backlog, 1024))
+        self.addresses = self.http.addresses
         self.gateway.metrics.registry.register(self.metrics)
         if not self.token and not all(_is_loopback(a) for a in self.addresses):
             self.log.warning(
@@ -370,173 +281,24 @@ class ApiServer:
 
     async def stop(self) -> None:
         """Stop listening, close idle connections, give busy ones a bounded wait."""
-        if self.server is None:
+        if self.http.server is None:
             return
-        self.closing = True
-        self.server.close()
-        # Closing the transport ends a handler, cancelling it would not: Python
-        # 3.11's start_server callback logs a cancelled handler as an error.
-        for task in list(self.idle):
-            self.writers[task].close()  # waiting for a request: nothing is lost
-        busy = set(self.writers)
-        aborted = 0
-        if busy:
-            _, pending = await asyncio.wait(busy, timeout=STOP_TIMEOUT_S)
-            for task in pending:
-                if task in self.writers:
-                    self.writers[task].transport.abort()
-            aborted = len(pending)
-            await asyncio.wait(busy, timeout=1.0)
-        try:
-            await asyncio.wait_for(self.server.wait_closed(), timeout=2.0)
-        except TimeoutError:
-            self.log.warning("api_listener_close_timeout")
+        connections, aborted = await self.http.stop()
         self.gateway.metrics.registry.unregister(self.metrics)
-        self.server = None
-        self.log.info("api_stopped", connections=len(busy), aborted=aborted)
+        self.log.info("api_stopped", connections=connections, aborted=aborted)
 
-    # One connection.
+    # What the HTTP layer asks of its handler.
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.writers[task] = writer
-        self.connections += 1
-        try:
-            if self.connections > self.max_connections:
-                await self._refuse(reader, writer)
-                return
-            first = True
-            while not self.closing and await self._exchange(reader, writer, first):
-                first = False
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the peer went away
-        except Exception:
-            self.log.exception("api_connection_failed")
-        finally:
-            self.connections -= 1
-            del self.writers[task]
-            writer.close()
+    def error_response(self, error: HttpError) -> Response:
+        return ApiError.from_http(error).response()
 
-    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.connections > 2 * self.max_connections:
-            # A flood: answering costs a descriptor for a while, dropping does not.
-            writer.transport.abort()
-            self.metrics.observe(OTHER, 503, 0.0)
-            return
-        refusal = ApiError(
-            "unavailable", "too many API connections", close=True, headers=_retry_after()
-        )
-        await self._send(writer, refusal.response(), None)
-        self.metrics.observe(OTHER, refusal.status, 0.0)
-        await self._linger(reader, writer, REFUSAL_LINGER_S)
+    def observe(self, request: Request | None, status: int, seconds: float) -> None:
+        self.metrics.observe(request.endpoint if request else OTHER, status, seconds)
 
-    async def _exchange(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bool
-    ) -> bool:
-        """Read one request and answer it; return whether to read another."""
-        request: Request | None = None
-        started = time.perf_counter()
-        try:
-            head = await self._read_head(reader, first)
-            if head is None:
-                return False
-            started = time.perf_counter()
-            request = parse_head(head)
-            response = await self._dispatch(request, reader, writer, started)
-        except ApiError as exc:
-            response = exc.response()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            raise
-        except Exception:
-            self.log.exception("api_request_failed", endpoint=request and request.endpoint)
-            response = ApiError("internal", "internal error", close=True).response()
-        keep_alive = (
-            request is not None
-            and request.keep_alive
-            and not request.body_pending
-            and not response.close
-            and not self.closing
-            and not self.gateway.draining
-        )
-        sent = await self._send(writer, response, request, keep_alive)
-        self.metrics.observe(
-            request.endpoint if request else OTHER,
-            response.status,
-            time.perf_counter() - started,
-        )
-        if sent and not keep_alive and (request is None or request.body_pending):
-            await self._linger(reader, writer)
-        return sent and keep_alive
+    def keep_alive(self) -> bool:
+        return not self.gateway.draining
 
-    async def _read_head(self, reader: asyncio.StreamReader, first: bool) -> bytes | None:
-        """The request head, or None when the peer closed or stayed idle too long."""
-        task = asyncio.current_task()
-        assert task is not None
-        self.idle.add(task)
-        try:
-            async with asyncio.timeout(self.header_timeout_s if first else self.idle_timeout_s):
-                byte = await reader.read(1)
-        except TimeoutError:
-            return None
-        finally:
-            self.idle.discard(task)
-        if not byte:
-            return None
-        try:
-            async with asyncio.timeout(self.header_timeout_s):
-                return byte + await reader.readuntil(b"\r\n\r\n")
-        except TimeoutError:
-            raise ApiError(
-                "request_timeout", "the request head took too long", close=True
-            ) from None
-        except asyncio.LimitOverrunError:
-            raise ApiError(
-                "bad_request", "the request head is too large", status=431, close=True
-            ) from None
-
-    async def _send(
-        self,
-        writer: asyncio.StreamWriter,
-        response: Response,
-        request: Request | None,
-        keep_alive: bool = False,
-    ) -> bool:
-        head_only = request is not None and request.method == "HEAD"
-        writer.write(response.encode(self.gateway.server_name, keep_alive, head_only))
-        try:
-            async with asyncio.timeout(self.write_timeout_s):
-                await writer.drain()
-        except TimeoutError:
-            writer.transport.abort()  # a peer that does not read its response
-            return False
-        return True
-
-    async def _linger(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, linger_s: float = LINGER_S
-    ) -> None:
-        if writer.can_write_eof():
-            writer.write_eof()
-        dropped = 0
-        try:
-            async with asyncio.timeout(linger_s):
-                while dropped < LINGER_MAX_BYTES:
-                    data = await reader.read(65536)
-                    if not data:
-                        break
-                    dropped += len(data)
-        except (TimeoutError, ConnectionError):
-            pass
-
-    # One request.
-
-    async def _dispatch(
-        self,
-        request: Request,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        started: float,
-    ) -> Response:
+    async def handle(self, request: Request, read_body: BodyReader, started: float) -> Response:
         endpoint, room = route(request.path)
         request.endpoint = endpoint
         self._authorize(request)
@@ -557,14 +319,12 @@ class ApiServer:
                 # loopback address without a CORS preflight, not JSON.
                 raise ApiError("unsupported_media_type", "send the body as application/json")
             batch = endpoint == "/api/publish/batch"
-            body = await self._read_body(
-                request, reader, writer, self.max_batch_bytes if batch else self.max_body_bytes
-            )
+            body = await read_body(self.max_batch_bytes if batch else self.max_body_bytes)
             self._refuse_while_draining()
             if batch:
                 return await self._publish_batch(load_json(body), started)
             return await self._publish(load_json(body), started)
-        await self._read_body(request, reader, writer, self.max_body_bytes)
+        await read_body(self.max_body_bytes)
         if endpoint == "/api/rooms/{room}":
             assert room is not None
             return self._room(room)
@@ -591,49 +351,8 @@ class ApiServer:
             raise ApiError(
                 "draining",
                 "the gateway is shutting down; publish to another instance",
-                headers=_retry_after(),
+                headers=retry_after(),
             )
-
-    async def _read_body(
-        self,
-        request: Request,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        limit: int,
-    ) -> bytes:
-        headers = request.headers
-        coding = headers.get("transfer-encoding")
-        length = headers.get("content-length")
-        if coding is not None:
-            if length is not None:
-                raise ApiError(
-                    "bad_request", "Content-Length and Transfer-Encoding together", close=True
-                )
-            if coding.strip().lower() != "chunked":
-                raise ApiError("bad_request", "only the chunked transfer coding", close=True)
-        elif length is None:
-            return b""
-        elif not (length.isascii() and length.isdigit()):
-            raise ApiError("bad_request", "malformed Content-Length", close=True)
-        # int() refuses more than 4300 digits: anything past 18 is too large anyway.
-        elif len(length) > 18 or int(length) > limit:
-            raise ApiError(
-                "message_too_large", f"the body may be at most {limit} bytes", close=True
-            )
-        elif int(length) == 0:
-            return b""
-        if headers.get("expect", "").lower() == "100-continue" and request.version == "1.1":
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        try:
-            async with asyncio.timeout(self.body_timeout_s):
-                if length is not None:
-                    body = await reader.readexactly(int(length))
-                else:
-                    body = await _read_chunked(reader, limit)
-        except TimeoutError:
-            raise ApiError("request_timeout", "the body took too long", close=True) from None
-        request.body_pending = False
-        return body
 
     # The routes.
 
@@ -669,7 +388,7 @@ class ApiServer:
             seq = await self.gateway.hub.publish(room, data, started=started)
         except BrokerUnavailable:
             raise ApiError(
-                "unavailable", "publishing is unavailable; retry later", headers=_retry_after()
+                "unavailable", "publishing is unavailable; retry later", headers=retry_after()
             ) from None
         return Response.json(200, {"seq": seq})
 
@@ -735,44 +454,6 @@ class ApiServer:
                 "draining": gateway.draining,
             },
         )
-
-
-async def _read_chunked(reader: asyncio.StreamReader, limit: int) -> bytes:
-    """A chunked body (RFC 9112 §7.1), counted as it comes and cut at ``limit``."""
-    parts: list[bytes] = []
-    total = 0
-    while True:
-        line = await _read_line(reader)
-        size_text = line.partition(b";")[0].strip()  # chunk extensions are ignored
-        if CHUNK_SIZE_RE.fullmatch(size_text) is None:
-            raise ApiError("bad_request", "malformed chunk size", close=True)
-        size = int(size_text, 16)
-        if size == 0:
-            break
-        total += size
-        if total > limit:
-            raise ApiError(
-                "message_too_large", f"the body may be at most {limit} bytes", close=True
-            )
-        parts.append(await reader.readexactly(size))
-        if await reader.readexactly(2) != b"\r\n":
-            raise ApiError("bad_request", "malformed chunk", close=True)
-    for _ in range(MAX_HEADERS):  # the trailer section, dropped
-        if not await _read_line(reader):
-            return b"".join(parts)
-    raise ApiError("bad_request", "too many trailer fields", close=True)
-
-
-async def _read_line(reader: asyncio.StreamReader) -> bytes:
-    try:
-        return (await reader.readuntil(b"\r\n"))[:-2]
-    except asyncio.LimitOverrunError:
-        raise ApiError("bad_request", "a chunk line is too long", close=True) from None
-
-
-def _format_addr(sockname: Any) -> str:
-    host, port = sockname[0], sockname[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _is_loopback(address: str) -> bool:
