@@ -184,8 +184,8 @@ class Client:
         reply = await self.request({"op": "join", "room": room})
         assert reply["op"] == "ack", reply
 
-    async def publish(self, data: Any, room: str = ROOM) -> dict[str, Any]:
-        return await self.request({"op": "publish", "room": room, "data": data})
+    async def publish(self, data: Any, room: str = ROOM, timeout: float = 10) -> dict[str, Any]:
+        return await self.request({"op": "publish", "room": room, "data": data}, timeout)
 
     async def message(self, timeout: float = 10) -> dict[str, Any]:
         if self.messages:
@@ -525,3 +525,28 @@ async def test_supervisor_alone_speaks_to_systemd(
             assert {pid for _, pid, _ in notify.received} == {gw.proc.pid}
     finally:
         notify.close()
+
+
+async def test_hung_redis_gives_unavailable_not_a_hang(redis_server: RedisServer) -> None:
+    """Redis alive but not answering (SIGSTOP): publishes time out as ``unavailable``."""
+    async with running_gateway(broker_url=redis_server.url) as gw:
+        a = await Client.connect(gw.ws_url.removesuffix("/ws"))
+        await a.join()
+        assert (await a.publish("before"))["op"] == "ack"
+        assert redis_server.proc is not None
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            reply = await a.publish("during", timeout=30)
+            assert reply["op"] == "error" and reply["code"] == "unavailable", reply
+            assert (await a.request({"op": "ping"}))["op"] == "pong"
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        for _ in range(150):  # until Redis has caught up: at most ~30 s
+            if (await a.publish("after"))["op"] == "ack":
+                break
+            await asyncio.sleep(0.2)
+        # Delivered too: the subscription survived or was made again.
+        assert (await a.until("after"))[-1]["data"] == "after"
+        assert gw.metrics.broker_connected
+        assert gw.metrics.broker_errors >= 1
+        await a.ws.close()
