@@ -13,8 +13,10 @@
 #       --no-enable leaves the unit disabled (not started at boot).
 #   deploy/install.sh wheels DIR
 #       On a machine that reaches the package index and has the same Python
-#       minor version as the target: build wheels of this checkout and every
-#       dependency into DIR, for an offline `install --wheels DIR`.
+#       as the target (`python3 -V`, to the patch level: a dependency may
+#       depend on it, as redis needs async-timeout before 3.11.3): build wheels
+#       of this checkout and every dependency into DIR, for an offline
+#       `install --wheels DIR`.
 #   deploy/install.sh uninstall [--purge]
 #       Stop and remove the service, the venv, the unit and the sysctl file.
 #       /etc/default/rtgateway is the operator's and stays, unless --purge.
@@ -84,7 +86,16 @@ cmd_wheels() {
     local src
     src=$(new_tmp)
     copy_checkout "$src"
-    retry "$PYTHON" -m pip wheel -q --disable-pip-version-check --wheel-dir "$dir" "$src"
+    # Debian's python3 has no pip of its own: borrow a throwaway venv's.
+    local py=$PYTHON
+    if ! "$py" -m pip --version >/dev/null 2>&1; then
+        local venv
+        venv=$(new_tmp)
+        "$PYTHON" -m venv "$venv"
+        py=$venv/bin/python
+    fi
+    retry "$py" -m pip wheel -q --disable-pip-version-check --use-pep517 --wheel-dir "$dir" "$src"
+    "$PYTHON" -V >"$dir/PYTHON-VERSION"
     say "wheels for $("$PYTHON" -V) in $dir:"
     ls -1 "$dir"
 }
@@ -102,6 +113,11 @@ cmd_install() {
     need_root install
     check_python
     [ -z "$wheels" ] || [ -d "$wheels" ] || die "no such directory: $wheels"
+    if [ -f "$wheels/PYTHON-VERSION" ] \
+        && [ "$(cat "$wheels/PYTHON-VERSION")" != "$("$PYTHON" -V 2>&1)" ]; then
+        say "warning: $wheels was built with $(cat "$wheels/PYTHON-VERSION"), this is" \
+            "$("$PYTHON" -V 2>&1); a dependency for this version may be missing"
+    fi
 
     local before
     before=$(fingerprint)
@@ -114,8 +130,8 @@ cmd_install() {
         "$PYTHON" -m venv "$PREFIX"
     fi
 
-    # 2. The package. --force-reinstall: a rebuilt wheel keeps its version
-    # number, and pip would otherwise keep the old files.
+    # 2. The package, then the package alone again with --force-reinstall: a
+    # rebuilt wheel keeps its version number, and pip would keep the old files.
     local pip=("$PREFIX/bin/python" -m pip -q --disable-pip-version-check --no-cache-dir)
     local src=""
     if [ -z "$from" ] || [ -d "$from" ]; then
@@ -125,12 +141,16 @@ cmd_install() {
     fi
     if [ -n "$wheels" ]; then
         local target=${src:-$from}
-        # No PATH given: prefer the rtgateway wheel already in DIR.
-        if [ -z "$from" ] && compgen -G "$wheels/rtgateway-*.whl" >/dev/null; then
+        # No PATH given: the rtgateway wheel in DIR (building the checkout
+        # offline would need setuptools there too).
+        if [ -z "$from" ]; then
+            compgen -G "$wheels/rtgateway-*.whl" >/dev/null \
+                || die "no rtgateway wheel in $wheels (make one: $0 wheels DIR)"
             target=rtgateway
         fi
         say "installing $target from $wheels (offline)"
-        "${pip[@]}" install --no-index --find-links "$wheels" --force-reinstall "$target"
+        "${pip[@]}" install --no-index --find-links "$wheels" --upgrade "$target"
+        "${pip[@]}" install --no-index --find-links "$wheels" --force-reinstall --no-deps "$target"
     else
         say "installing ${from:-$CHECKOUT} (dependencies from the package index)"
         retry "${pip[@]}" install --use-pep517 --upgrade "${src:-$from}"

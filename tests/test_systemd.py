@@ -4,9 +4,11 @@ The first tests lint the files on the host (systemd-analyze, bash). The system
 tests boot a real systemd in a container with systemd-nspawn, from the Debian
 tree that ``.ci/systemd-rootfs.sh`` debootstraps once and caches. The tree is
 booted with ``--volatile=overlay``: every run starts from the same state and
-nothing a test does reaches the cache. The repository is bound in read-only,
-wheels built on the host are installed offline with ``deploy/install.sh``, and
-the container shares the host's network, so the service answers on
+nothing a test does reaches the cache. The repository is bound in read-only;
+inside, ``deploy/install.sh wheels`` builds the wheelhouse with the container's
+own Python (dependencies may depend on its exact version: redis needs
+async-timeout before 3.11.3) and ``install --wheels`` installs from it offline.
+The container shares the host's network, so the service answers on
 127.0.0.1:PORT to real ``websockets`` clients in this process.
 
 The container is booted once for the module and always powered off.
@@ -19,8 +21,8 @@ import json
 import os
 import re
 import resource
-import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,6 +43,10 @@ INSTALL = ROOT / "deploy/install.sh"
 MAX_EXPOSURE = 2.0
 EXPOSURE_RE = re.compile(r"Overall exposure level for \S+: (\d+\.\d+)")
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# pip's downloads, kept across runs (the container's own tree is thrown away).
+PIP_CACHE = Path(os.environ.get("RTG_CI_CACHE", "/var/cache/rtgateway-ci")) / "systemd-pip-cache"
+WHEELS = "/var/tmp/wheels"
+INSTALL_CMD = ("/src/deploy/install.sh", "install", "--wheels", WHEELS)
 
 
 def unit_settings(text: str) -> dict[str, list[str]]:
@@ -156,7 +162,9 @@ def test_install_script_parses() -> None:
 class Machine:
     """A container booted with systemd-nspawn, driven with nsenter."""
 
-    def __init__(self, rootfs: Path, binds: dict[Path, str], log_path: Path) -> None:
+    def __init__(
+        self, rootfs: Path, binds_ro: dict[Path, str], binds: dict[Path, str], log_path: Path
+    ) -> None:
         self.name = f"rtg-test-{os.getpid()}"
         self.log_path = log_path
         self.cmd = [
@@ -168,7 +176,8 @@ class Machine:
             "--keep-unit",
             "--console=passive",
             f"--machine={self.name}",
-            *(f"--bind-ro={src}:{dest}" for src, dest in binds.items()),
+            *(f"--bind-ro={src}:{dest}" for src, dest in binds_ro.items()),
+            *(f"--bind={src}:{dest}" for src, dest in binds.items()),
         ]
         self.proc: subprocess.Popen[bytes] | None = None
         self.leader = 0
@@ -195,10 +204,11 @@ class Machine:
         return int(pids[0]) if pids else 0
 
     def run(
-        self, *cmd: str, check: bool = True, timeout: float = 120
+        self, *cmd: str, check: bool = True, timeout: float = 120, **env_vars: str
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``cmd`` inside, as root, with a clean environment."""
+        """Run ``cmd`` inside, as root, with a clean environment (plus ``env_vars``)."""
         env = ["env", "-i", f"PATH={CONTAINER_PATH}", "LANG=C.UTF-8", "SYSTEMD_COLORS=0"]
+        env += [f"{name}={value}" for name, value in env_vars.items()]
         result = subprocess.run(
             ["nsenter", f"--target={self.leader}", "--all", *env, *cmd],
             capture_output=True,
@@ -282,11 +292,6 @@ class Appliance:
         return None
 
 
-def container_python(rootfs: Path) -> str:
-    """python3.X, the interpreter the container's venv will use."""
-    return os.readlink(rootfs / "usr/bin/python3")
-
-
 @pytest.fixture(scope="module")
 def rootfs() -> Path:
     require_root()
@@ -300,32 +305,20 @@ def rootfs() -> Path:
 
 
 @pytest.fixture(scope="module")
-def wheels(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Wheels of this checkout and its dependencies, built for the container's Python."""
-    wanted = container_python(rootfs)
-    here = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    python = sys.executable if here == wanted else shutil.which(wanted)
-    assert python, f"the container has {wanted}; building its wheels needs {wanted} here"
-    out = tmp_path_factory.mktemp("wheels")
-    result = subprocess.run(
-        [str(INSTALL), "wheels", str(out)],
-        env={**os.environ, "PYTHON": python},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
-def appliance(
-    rootfs: Path, wheels: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Appliance]:
+def appliance(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     log_path = tmp_path_factory.mktemp("nspawn") / "console.log"
-    machine = Machine(rootfs, {ROOT: "/src", wheels: "/wheels"}, log_path)
+    PIP_CACHE.mkdir(parents=True, exist_ok=True)
+    machine = Machine(rootfs, {ROOT: "/src"}, {PIP_CACHE: "/root/.cache/pip"}, log_path)
     try:
         machine.boot()
+        # The one step that reaches the package index, as pip on the host does.
+        machine.run(
+            "/src/deploy/install.sh",
+            "wheels",
+            WHEELS,
+            timeout=600,
+            PIP_CERT="/etc/ssl/certs/ca-certificates.crt",
+        )
         app = Appliance(machine, free_port())
         api_port = free_port()
         while api_port == app.port:
@@ -339,7 +332,7 @@ def appliance(
             "RTG_DRAIN_WINDOW_S=1\n"
             "RTG_STATS_INTERVAL_S=0\n",
         )
-        machine.run("/src/deploy/install.sh", "install", "--wheels", "/wheels")
+        machine.run(*INSTALL_CMD)
         yield app
     finally:
         machine.poweroff()
@@ -429,6 +422,16 @@ def test_journal_holds_the_gateways_json_log_lines(appliance: Appliance) -> None
     assert listening[-1]["timestamp"].endswith("Z")
 
 
+async def _closed(ws: ClientConnection) -> tuple[int, str]:
+    """The close code and reason the server sent, reading until it comes."""
+    try:
+        while True:
+            await ws.recv()
+    except ConnectionClosed as exc:
+        assert exc.rcvd is not None, "closed without a close frame"
+        return exc.rcvd.code, exc.rcvd.reason
+
+
 @pytest.mark.system
 async def test_stop_closes_open_websockets_with_1012_and_exits_0(appliance: Appliance) -> None:
     await asyncio.to_thread(appliance.start)
@@ -436,16 +439,8 @@ async def test_stop_closes_open_websockets_with_1012_and_exits_0(appliance: Appl
     for ws in clients:
         assert json.loads(await ws.recv())["op"] == "hello"
 
-    async def closed(ws: ClientConnection) -> tuple[int, str]:
-        try:
-            while True:
-                await ws.recv()
-        except ConnectionClosed as exc:
-            assert exc.rcvd is not None, "closed without a close frame"
-            return exc.rcvd.code, exc.rcvd.reason
-
     stop = asyncio.create_task(asyncio.to_thread(appliance.systemctl, "stop", "rtgateway.service"))
-    closes = await asyncio.wait_for(asyncio.gather(*(closed(ws) for ws in clients)), 120)
+    closes = await asyncio.wait_for(asyncio.gather(*(_closed(ws) for ws in clients)), 120)
     await stop
     assert [code for code, _ in closes] == [1012] * len(clients)
     assert all("retry_after_ms=" in reason for _, reason in closes)
@@ -499,17 +494,88 @@ def test_a_stalled_event_loop_trips_the_watchdog_and_is_restarted(
         appliance.systemctl("daemon-reload")
 
 
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A ``redis-server`` on the host, which the container shares the network with."""
+    port = free_port()
+    no_persistence = ["--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(
+        [require_tool("redis-server"), "--port", str(port), "--bind", "127.0.0.1", *no_persistence],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: _answers_ping(port), 10, what="redis-server")
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest.mark.system
+async def test_workers_run_under_the_sandbox_and_drain_on_stop(
+    appliance: Appliance, redis_url: str
+) -> None:
+    machine = appliance.machine
+    dropin = "/run/systemd/system/rtgateway.service.d/50-test-workers.conf"
+    machine.write(dropin, f"[Service]\nEnvironment=RTG_WORKERS=2 RTG_BROKER_URL={redis_url}\n")
+    try:
+        await asyncio.to_thread(appliance.systemctl, "daemon-reload")
+        await asyncio.to_thread(appliance.systemctl, "stop", "rtgateway.service")
+        await asyncio.to_thread(appliance.start)
+        # READY=1 comes from the supervisor once both workers are ready.
+        main_pid = machine.show("MainPID")["MainPID"]
+        children = machine.run("ps", "-o", "pid=", "--ppid", main_pid).stdout.split()
+        assert len(children) == 2
+        assert appliance.healthy()
+        # The supervisor reaches its workers through sockets in RuntimeDirectory=.
+        assert machine.run("stat", "-c", "%a", "/run/rtgateway").stdout.strip() == "700"
+        _, metrics, _ = http_get(appliance.url + "/metrics")
+        assert 'worker="0"' in metrics and 'worker="1"' in metrics
+
+        clients = [await connect(appliance.ws_url) for _ in range(6)]
+        for ws in clients:
+            assert json.loads(await ws.recv())["op"] == "hello"
+        stop = asyncio.create_task(
+            asyncio.to_thread(appliance.systemctl, "stop", "rtgateway.service")
+        )
+        closes = await asyncio.wait_for(asyncio.gather(*(_closed(ws) for ws in clients)), 120)
+        await stop
+        assert [code for code, _ in closes] == [1012] * len(clients)
+        state = machine.show("Result", "ExecMainCode", "ExecMainStatus")
+        assert state == {"Result": "success", "ExecMainCode": "1", "ExecMainStatus": "0"}
+    finally:
+        machine.run("rm", "-f", dropin)
+        await asyncio.to_thread(appliance.systemctl, "daemon-reload")
+
+
 @pytest.mark.system
 def test_reinstall_is_a_no_op_and_uninstall_removes_all_but_the_settings(
     appliance: Appliance,
 ) -> None:
     run = appliance.machine.run
-    install = ["/src/deploy/install.sh", "install", "--wheels", "/wheels"]
     appliance.start()
     pid = appliance.machine.show("MainPID")["MainPID"]
-    again = run(*install)
+    again = run(*INSTALL_CMD)
     assert "rtgateway is running and unchanged" in again.stdout
     assert appliance.machine.show("MainPID")["MainPID"] == pid
+
+    # With no settings file, an install writes the example, private to root.
+    settings = run("cat", "/etc/default/rtgateway").stdout
+    run("rm", "/etc/default/rtgateway")
+    run(*INSTALL_CMD)
+    assert run("cat", "/etc/default/rtgateway").stdout == ENV_EXAMPLE.read_text()
+    assert run("stat", "-c", "%a %U", "/etc/default/rtgateway").stdout.split() == ["600", "root"]
+    appliance.machine.write("/etc/default/rtgateway", settings)
 
     run("/src/deploy/install.sh", "uninstall")
     assert not appliance.healthy()
@@ -520,15 +586,7 @@ def test_reinstall_is_a_no_op_and_uninstall_removes_all_but_the_settings(
         "/etc/sysctl.d/60-rtgateway.conf",
     ):
         assert run("test", "-e", path, check=False).returncode == 1, path
-    assert f"RTG_ADDR=127.0.0.1:{appliance.port}" in run("cat", "/etc/default/rtgateway").stdout
+    assert run("cat", "/etc/default/rtgateway").stdout == settings
     run("/src/deploy/install.sh", "uninstall")  # idempotent
-
-    # With no settings file, the install writes the example, private to root.
     run("/src/deploy/install.sh", "uninstall", "--purge")
     assert run("test", "-e", "/etc/default/rtgateway", check=False).returncode == 1
-    run(*install, "--no-enable")
-    assert run("cat", "/etc/default/rtgateway").stdout == ENV_EXAMPLE.read_text()
-    assert run("stat", "-c", "%a %U", "/etc/default/rtgateway").stdout.split() == ["600", "root"]
-    state = appliance.machine.show("UnitFileState", "ActiveState")
-    assert state == {"UnitFileState": "disabled", "ActiveState": "inactive"}
-    run("/src/deploy/install.sh", "uninstall", "--purge")
