@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -550,3 +551,26 @@ async def test_hung_redis_gives_unavailable_not_a_hang(redis_server: RedisServer
         assert gw.metrics.broker_connected
         assert gw.metrics.broker_errors >= 1
         await a.ws.close()
+
+
+def _post_json(url: str, body: Any) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return resp.status, json.loads(resp.read())
+
+
+async def test_publish_api_on_worker_zero_reaches_every_worker(
+    redis_server: RedisServer,
+) -> None:
+    api_port = free_port()
+    with supervisor(redis_server, RTG_API_ADDR=f"127.0.0.1:{api_port}") as gw:
+        a, b = await clients_on_each_worker(gw)
+        await in_step([a, b])
+        url = f"http://127.0.0.1:{api_port}/api/publish"
+        status, body = await asyncio.to_thread(_post_json, url, {"room": ROOM, "data": "api"})
+        assert status == 200 and body["seq"] > 0
+        for client in (a, b):
+            message = await client.message()
+            assert (message["seq"], message["data"]) == (body["seq"], "api")
