@@ -8,12 +8,11 @@ with a 4 KiB receive buffer that stops reading.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 
 import pytest
 from support import GatewayProcess, http_get, wait_until
-from wsraw import RawClient
+from wire import OP_CLOSE, OP_PING, OP_TEXT, RawConnection
 
 from rtgateway.client import Client
 
@@ -39,31 +38,34 @@ def rss_bytes(gw: GatewayProcess) -> int:
     raise AssertionError("no VmRSS")
 
 
-async def joined_raw(port: int, room: str, policy: str | None = None, **kw: object) -> RawClient:
-    client = await RawClient.connect(port, **kw)  # type: ignore[arg-type]
-    _, hello = await client.recv_frame()
-    assert json.loads(hello)["op"] == "hello"
+async def joined_raw(
+    port: int, room: str, policy: str | None = None, rcvbuf: int | None = None
+) -> RawConnection:
+    client = await RawConnection.open(port, rcvbuf=rcvbuf)
+    assert (await client.recv_json())["op"] == "hello"
     join = {"op": "join", "room": room, "id": 1}
     if policy:
         join["policy"] = policy
-    await client.send_text(json.dumps(join))
-    _, ack = await client.recv_frame()
-    assert json.loads(ack)["op"] == "ack", ack
+    await client.send_json(join)
+    ack = await client.recv_json()
+    assert ack["op"] == "ack", ack
     return client
 
 
-async def read_seqs(client: RawClient, count: int, progress: list[int] | None = None) -> list[int]:
+async def read_seqs(
+    client: RawConnection, count: int, progress: list[int] | None = None
+) -> list[int]:
     seqs: list[int] = []
     while len(seqs) < count:
-        opcode, payload = await client.recv_frame()
-        if opcode == 0x1:
-            match = SEQ_RE.search(payload)
+        frame = await client.recv_frame(timeout=60)
+        if frame is None or frame.opcode == OP_CLOSE:
+            break
+        if frame.opcode == OP_TEXT:
+            match = SEQ_RE.search(frame.payload)
             if match:
                 seqs.append(int(match.group(1)))
                 if progress is not None:
                     progress[0] = seqs[-1]
-        elif opcode == 0x8:
-            break
     return seqs
 
 
@@ -141,20 +143,20 @@ async def test_slow_consumer_in_busy_room_does_not_slow_fast_members(
         # The slow consumer reads again: behind the frames already written it
         # finds the close frame (the gateway waits RTG_CLOSE_TIMEOUT_S for the
         # reply, then aborts; the counter moves when the connection is gone).
-        texts = await slow.recv_until_close()
-        await slow.send(0x8, (4008).to_bytes(2, "big"))
+        code, reason, frames = await slow.recv_close(timeout=60)
+        await slow.send_frame(OP_CLOSE, (4008).to_bytes(2, "big"))
         await slow.close()
         wait_until(
             lambda: metric(gw, "rtgateway_disconnects_total", '{reason="slow_consumer"}') == 1,
             30,
             what="slow_consumer counted",
         )
-        assert slow.close_code == 4008
-        assert slow.close_reason == "slow consumer"
+        assert (code, reason) == (4008, "slow consumer")
         # Bounded: the outbox, the transport buffer and the kernel's buffers
         # (SO_SNDBUF 64 KiB, which Linux doubles, and the 4 KiB receive buffer).
-        assert slow.bytes_received < outbox_max_bytes + write_limit + 2 * 65536 + (64 << 10)
-        assert len(texts) < N_MESSAGES
+        received = sum(len(f.payload) + 4 for f in frames)
+        assert received < outbox_max_bytes + write_limit + 2 * 65536 + (64 << 10)
+        assert len(frames) < N_MESSAGES
     else:
         assert metric(gw, "rtgateway_disconnects_total", '{reason="slow_consumer"}') == 0
         seqs: list[int] = []
@@ -174,13 +176,13 @@ async def test_slow_consumer_in_busy_room_does_not_slow_fast_members(
 async def test_ping_flood_from_a_client_that_never_reads_is_cut_off() -> None:
     with GatewayProcess() as gw:
         assert gw.port is not None
-        flooder = await RawClient.connect(gw.port, "/ws/echo", rcvbuf=4096)
+        flooder = await RawConnection.open(gw.port, "/ws/echo", rcvbuf=4096)
         rss_before = rss_bytes(gw)
         sent = 0
         with pytest.raises(ConnectionError):
             # 125-byte pings: each one makes the server queue a 127-byte pong.
             for _ in range(200_000):
-                await flooder.send(0x9, b"p" * 125)
+                await flooder.send_frame(OP_PING, b"p" * 125)
                 sent += 1
         assert sent < 200_000
         wait_until(
@@ -204,21 +206,14 @@ async def test_publish_flood_gets_rate_limited_errors_then_close_1008() -> None:
         assert gw.port is not None
         client = await joined_raw(gw.port, "flood")
         for i in range(200):
-            await client.send_text(
-                json.dumps({"op": "publish", "room": "flood", "data": i, "id": i})
-            )
-        replies = []
-        while True:
-            opcode, payload = await client.recv_frame()
-            if opcode == 0x8:
-                break
-            if opcode == 0x1:
-                replies.append(json.loads(payload))
+            await client.send_json({"op": "publish", "room": "flood", "data": i, "id": i})
+        code, _, frames = await client.recv_close()
+        replies = [f.json() for f in frames if f.opcode == OP_TEXT]
         errors = [r for r in replies if r["op"] == "error"]
         assert errors and all(e["code"] == "rate_limited" for e in errors)
         assert all(e["retry_after_ms"] > 0 for e in errors)
         assert errors[0]["id"] is not None
-        assert client.close_code == 1008
+        assert code == 1008
         # The burst passed; 20 rejections were answered, the 21st closed it.
         assert len(errors) == 20
         assert metric(gw, "rtgateway_rate_limited_total") == 21

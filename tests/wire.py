@@ -208,7 +208,11 @@ class RawConnection:
         except BaseException:
             sock.close()
             raise
-        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 22)
+        # The reader buffers up to twice its limit before it stops reading the
+        # socket: with a small receive buffer, keep that small too, so that a
+        # test that stops reading is a slow consumer on the wire, at once.
+        limit = 1 << 22 if rcvbuf is None else max(rcvbuf, 1 << 12)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=limit)
         return cls(reader, writer)
 
     @classmethod
