@@ -38,11 +38,11 @@ from .log import get_logger
 from .metrics import Metrics
 from .outbox import Flusher, Outbox
 from .rooms import Hub
+from .systemd import Notifier, watchdog_interval
+from .worker import WorkerInfo, WorkerSocket, render_host
 
 if TYPE_CHECKING:
     from .broker import RedisBroker
-from .systemd import Notifier, watchdog_interval
-from .worker import WorkerInfo, WorkerSocket, render_host
 
 __all__ = ["Gateway", "raise_nofile_limit"]
 
