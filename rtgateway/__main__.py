@@ -1,7 +1,8 @@
 """Command line: flags and ``RTG_*`` -> Config -> logging -> run. The only place that exits.
 
 Signals are handled here, at the edge: the first SIGTERM or SIGINT starts the
-drain, a second one exits at once with status 1.
+drain, a second one exits at once with status 1 (a worker ignores the second:
+its supervisor escalates).
 
 With ``RTG_WORKERS`` > 1 this process becomes the supervisor
 (:mod:`rtgateway.supervisor`), which runs this same command once per worker
@@ -77,6 +78,12 @@ def run(config: Config, worker: WorkerInfo | None = None) -> int:
 
         def on_signal(signum: int) -> None:
             if stop.is_set():
+                if worker is not None:
+                    # systemd's default KillMode signals every process of the
+                    # unit as well as the supervisor, which forwards its own:
+                    # a worker leaves escalation to the supervisor.
+                    logger.info("signal_ignored_draining", signal=signal.Signals(signum).name)
+                    return
                 logger.warning("second_signal_exit", signal=signal.Signals(signum).name)
                 os._exit(1)
             logger.info("shutdown_signal", signal=signal.Signals(signum).name)

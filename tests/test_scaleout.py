@@ -579,3 +579,33 @@ async def test_publish_api_on_worker_zero_reaches_every_worker(
         for client in (a, b):
             message = await client.message()
             assert (message["seq"], message["data"]) == (body["seq"], "api")
+
+
+async def test_sigterm_to_every_process_at_once_still_drains(redis_server: RedisServer) -> None:
+    """systemd's default KillMode=control-group signals the workers too, not only the main PID."""
+    with supervisor(redis_server, RTG_DRAIN_WINDOW_S="2") as gw:
+        assert gw.proc is not None
+        clients = await clients_on_each_worker(gw)
+        for index in (0, 1):
+            os.kill(gw.worker_pid(index), signal.SIGTERM)
+        # The workers' signal first, so that the supervisor's is a second one
+        # (two signals sent at once may merge into one).
+        await asyncio.to_thread(
+            wait_until,
+            lambda: (
+                {e.get("worker") for e in gw.events if e.get("event") == "drain_started"} == {0, 1}
+            ),
+            10,
+            what="both workers draining",
+        )
+        gw.signal(signal.SIGTERM)
+        for client in clients:
+            async with asyncio.timeout(15):
+                with contextlib.suppress(ConnectionClosed):
+                    while True:
+                        await client.ws.recv()
+            assert client.ws.close_code == 1012
+        assert await asyncio.to_thread(gw.wait, 20) == 0
+        exits = [e for e in gw.events if e.get("event") == "worker_exited"]
+        assert sorted(e["worker"] for e in exits) == [0, 1]
+        assert all(e["returncode"] == 0 for e in exits), exits
