@@ -163,6 +163,11 @@ async def serve_connection(gateway: Gateway, conn: GatewayConnection) -> None:
     metrics.connection_opened()
     path = conn.request.path.partition("?")[0] if conn.request else ""
     log.debug("connection_open", path=path)
+    # The handshake's headers (about 3 KiB) would otherwise live as long as
+    # the connection: websockets' parser keeps the request object too.
+    if conn.request is not None:
+        conn.request.headers.clear()
+    conn.response = None
     try:
         if path == "/ws/echo":
             await echo(conn, outbox)
