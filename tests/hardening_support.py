@@ -3,8 +3,6 @@
 - :func:`scrape` reads a gateway's ``/metrics`` into a dict keyed by sample
   name and labels, e.g. ``m["rtgateway_disconnects_total", ("aborted",)]``.
 - :func:`tracebacks` finds the log lines that carry an exception.
-- :class:`LimitedGatewayProcess` is :class:`support.GatewayProcess` with a lower
-  open-files limit, so that descriptor exhaustion takes 100 sockets, not 20000.
 - :func:`tls_client_hello` makes the bytes a real TLS client sends first.
 """
 
@@ -14,17 +12,12 @@ import asyncio
 import contextlib
 import json
 import os
-import resource
 import ssl
-import subprocess
-import sys
-import threading
 
 from prometheus_client.parser import text_string_to_metric_families
-from support import ROOT, GatewayProcess, http_get
+from support import http_get
 
 __all__ = [
-    "LimitedGatewayProcess",
     "Samples",
     "ascrape",
     "metric",
@@ -84,39 +77,6 @@ def rss_bytes(pid: int) -> int:
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-class LimitedGatewayProcess(GatewayProcess):
-    """A gateway subprocess whose open-files limit (soft and hard) is ``nofile``."""
-
-    def __init__(self, nofile: int, env: dict[str, str] | None = None) -> None:
-        super().__init__(env)
-        self.nofile = nofile
-
-    def start(self, timeout: float = 20.0) -> LimitedGatewayProcess:
-        nofile = self.nofile
-
-        def limit() -> None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rtgateway", *self.args],
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=ROOT,
-            preexec_fn=limit,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        if not self._listening.wait(timeout):
-            self.kill()
-            raise AssertionError("gateway did not start:\n" + "\n".join(self.lines[-50:]))
-        return self
-
-    def __enter__(self) -> LimitedGatewayProcess:
-        return self.start()
 
 
 def tls_client_hello() -> bytes:

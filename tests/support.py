@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -93,7 +94,13 @@ class GatewayProcess:
     address is read from the ``gateway_listening`` log event.
     """
 
-    def __init__(self, env: dict[str, str] | None = None, args: list[str] | None = None):
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+        *,
+        nofile: int | None = None,
+    ):
         self.env = {
             **os.environ,
             "RTG_ADDR": "127.0.0.1:0",
@@ -102,6 +109,7 @@ class GatewayProcess:
         }
         self.env.update(env or {})
         self.args = args or []
+        self.nofile = nofile  # the open-files limit (soft and hard) to start it with
         self.lines: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
         self.port: int | None = None
@@ -109,6 +117,12 @@ class GatewayProcess:
         self._reader: threading.Thread | None = None
 
     def start(self, timeout: float = 20.0) -> GatewayProcess:
+        nofile = self.nofile
+
+        def limit_nofile() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rtgateway", *self.args],
             env=self.env,
@@ -116,6 +130,7 @@ class GatewayProcess:
             stderr=subprocess.STDOUT,
             text=True,
             cwd=ROOT,
+            preexec_fn=limit_nofile if nofile is not None else None,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -20,7 +20,6 @@ import pytest
 import websockets
 from conftest import RunningGateway, running_gateway
 from hardening_support import (
-    LimitedGatewayProcess,
     ascrape,
     metric,
     rss_bytes,
@@ -661,7 +660,7 @@ async def test_connections_past_the_limit_get_503_quietly_and_service_recovers()
 
 async def test_file_descriptor_exhaustion_is_refused_quietly_and_service_recovers() -> None:
     # 128 descriptors: the gateway derives 64 connections and 96 sockets from it.
-    with LimitedGatewayProcess(128, {"RTG_STATS_INTERVAL_S": "0"}) as gw:
+    with GatewayProcess({"RTG_STATS_INTERVAL_S": "0"}, nofile=128) as gw:
         assert gw.port is not None
         lines_before = len(gw.lines)
         held: list[RawConnection] = []
