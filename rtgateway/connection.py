@@ -259,8 +259,11 @@ class Session:
         self.reply(protocol.error(code, message, id, **extra))
 
     async def run(self) -> None:
+        gateway = self.gateway
         self.reply(
-            protocol.hello(self.conn_id, self.gateway.server_name, self.gateway.hello_limits)
+            protocol.hello(
+                self.conn_id, gateway.server_name, gateway.hello_limits, **gateway.hello_extra
+            )
         )
         try:
             async for message in self.conn:
