@@ -213,13 +213,8 @@ async def clients_on_each_worker(gw: SupervisorProcess, workers: int = 2) -> lis
     found: dict[int, Client] = {}
     spare: list[Client] = []
     for _ in range(40):
-        before = await asyncio.to_thread(gw.worker_metric, "rtgateway_connections_current")
         client = await Client.connect(gw.ws_url)
-        if "worker" in client.hello:  # the hello names its worker
-            worker = int(client.hello["worker"])
-        else:  # otherwise the one whose count went up
-            after = await asyncio.to_thread(gw.worker_metric, "rtgateway_connections_current")
-            (worker,) = [w for w in after if after[w] > before.get(w, 0)]
+        worker = int(client.hello["worker"])  # the hello names its worker
         client.worker = worker
         if worker in found:
             spare.append(client)
