@@ -49,6 +49,7 @@ STALL_AFTER_S = 5.0  # a worker whose loop has not ticked for this long is unres
 START_GRACE_S = 30.0  # how long a starting worker may take before it counts as stalled
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
+START_ATTEMPTS = 3  # a worker failing this often before first readiness: give up
 STABLE_AFTER_S = 30.0  # a worker up this long resets its restart backoff
 STOP_MARGIN_S = 10.0  # beyond the drain timeout, before the stragglers are killed
 PR_SET_PDEATHSIG = 1
@@ -89,15 +90,25 @@ class Supervisor:
         self.reservation: socket.socket | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.stop_event = asyncio.Event()
+        self.gave_up = asyncio.Event()  # a worker could not start at all
 
     async def serve(self, shutdown_trigger: Callable[[], Awaitable[Any]]) -> int:
-        """Start the workers, run until ``shutdown_trigger()`` returns, then drain them."""
+        """Start the workers, run until ``shutdown_trigger()`` returns, then drain them.
+
+        Also returns, with status 1, when a worker fails to start
+        :data:`START_ATTEMPTS` times in a row before the gateway was ever
+        ready: restarting it for ever would hide the error from systemd.
+        """
         self.start()
+        trigger = asyncio.ensure_future(shutdown_trigger())
+        gave_up = asyncio.ensure_future(self.gave_up.wait())
         try:
-            await shutdown_trigger()
+            await asyncio.wait({trigger, gave_up}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            trigger.cancel()
+            gave_up.cancel()
             clean = await self.stop()
-        return 0 if clean else 1
+        return 0 if clean and not self.gave_up.is_set() else 1
 
     # Startup.
 
@@ -168,6 +179,15 @@ class Supervisor:
             uptime = time.monotonic() - slot.started
             slot.failures = 1 if uptime >= STABLE_AFTER_S else slot.failures + 1
             slot.restarts += 1
+            if not self.announced and slot.failures >= START_ATTEMPTS:
+                self.log.error(
+                    "worker_start_failed",
+                    worker=slot.index,
+                    returncode=rc,
+                    attempts=slot.failures,
+                )
+                self.gave_up.set()
+                return
             delay = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** (slot.failures - 1))
             self.log.warning(
                 "worker_died",

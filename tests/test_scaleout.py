@@ -604,3 +604,32 @@ async def test_sigterm_to_every_process_at_once_still_drains(redis_server: Redis
         exits = [e for e in gw.events if e.get("event") == "worker_exited"]
         assert sorted(e["worker"] for e in exits) == [0, 1]
         assert all(e["returncode"] == 0 for e in exits), exits
+
+
+def test_supervisor_exits_1_when_workers_cannot_start(tmp_path: Path) -> None:
+    # Every worker process dies at interpreter start-up (a sitecustomize that
+    # exits when it sees the worker index), as a missing dependency would.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, sys\nif os.environ.get('RTG_WORKER_INDEX'):\n    sys.exit(1)\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tmp_path),
+        "RTG_WORKERS": "2",
+        "RTG_BROKER_URL": "redis://127.0.0.1:1",
+        "RTG_ADDR": "127.0.0.1:0",
+        "RTG_API_ADDR": "",
+        "RTG_LOG_FORMAT": "json",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "rtgateway"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert result.returncode == 1
+    events = [_parse(line).get("event") for line in result.stdout.splitlines()]
+    assert "worker_start_failed" in events
+    assert "supervisor_ready" not in events
