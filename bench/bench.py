@@ -478,8 +478,8 @@ def plan(args: argparse.Namespace) -> list[Scenario]:
         d = 1.0
         fanouts, idle, rooms_n, burst_n, echo_n = [200], 200, 200, 100, 10
     elif args.quick:
-        d = 2.5
-        fanouts, idle, rooms_n, burst_n, echo_n = [1000, 4000], 4000, 2000, 1000, 20
+        d = 2.0
+        fanouts, idle, rooms_n, burst_n, echo_n = [1000, 3000], 3000, 1000, 500, 20
     else:
         d = 6.0
         fanouts, idle, rooms_n, burst_n, echo_n = [1000, 2500, 5000, 10000], 15000, 10000, 2000, 50
@@ -590,7 +590,11 @@ def main() -> int:
     parser.add_argument("--json", default="results/bench.json")
     parser.add_argument("--plot", default="results/bench.png")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--plot-only", metavar="JSON", help="redraw the plot of a saved run")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(Path(args.plot_only).read_text())["rows"], args.plot)
+        return 0
     only = set(filter(None, args.only.split(",")))
     scenarios = [sc for sc in plan(args) if not only or sc.name in only]
     GATEWAY_SRC[0] = args.gateway_src
@@ -646,7 +650,9 @@ def median_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for key in runs[0]:
         values = [r.get(key) for r in runs]
-        if all(isinstance(v, (int, float)) for v in values):
+        if all(isinstance(v, int) for v in values):
+            merged[key] = statistics.median_low(values)  # type: ignore[type-var]
+        elif all(isinstance(v, (int, float)) for v in values):
             merged[key] = statistics.median(values)  # type: ignore[type-var]
         else:
             merged[key] = values[0]
@@ -708,6 +714,13 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
             style,
             marker="o",
             label=f"{kind}: deliveries/s at the limit",
+        )
+        right.plot(
+            [r["clients"] for r in top],
+            [r[kind].get("per_cpu_s") for r in top],
+            style,
+            marker="s",
+            label=f"{kind}: deliveries per server CPU-s at the limit",
         )
         right.plot(
             subs,
