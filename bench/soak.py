@@ -39,12 +39,9 @@ import contextlib
 import json
 import os
 import random
-import signal
 import socket
 import struct
-import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -52,63 +49,16 @@ from pathlib import Path
 from typing import Any
 
 from rtgateway.client import Client, ServerError
+from rtgateway.testing import GatewayProcess
 
-ROOT = Path(__file__).resolve().parent.parent
 TASKS_METRIC = "rtgateway_tasks_current"
 
 
 # The gateway under test.
 
 
-class Gateway:
-    """``python -m rtgateway`` on an ephemeral port, its JSON log kept in memory."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = {
-            **os.environ,
-            "RTG_ADDR": "127.0.0.1:0",
-            "RTG_API_ADDR": "",
-            "RTG_LOG_FORMAT": "json",
-            **env,
-        }
-        self.lines: list[str] = []
-        self.port = 0
-        self.listening = threading.Event()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rtgateway"],
-            env=self.env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self.listening.wait(20):
-            self.proc.kill()
-            raise SystemExit("the gateway did not start:\n" + "\n".join(self.lines[-20:]))
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-            if not self.port and '"gateway_listening"' in line:
-                self.port = int(json.loads(line)["addresses"][0].rsplit(":", 1)[1])
-                self.listening.set()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+class Gateway(GatewayProcess):
+    """``python -m rtgateway`` on an ephemeral port, with the soak's readings."""
 
     @property
     def ws_url(self) -> str:
@@ -126,15 +76,13 @@ class Gateway:
         return samples
 
     def resources(self) -> dict[str, float | None]:
+        assert self.proc is not None
         pid = self.proc.pid
         with open(f"/proc/{pid}/status") as f:
             rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
         fds = len(os.listdir(f"/proc/{pid}/fd"))
         tasks = self.metrics().get(TASKS_METRIC)
         return {"rss_bytes": rss, "open_fds": fds, "tasks": tasks}
-
-    def tracebacks(self) -> list[str]:
-        return [line for line in self.lines if "Traceback" in line or '"exception"' in line]
 
 
 # Raw sockets for the clients that misbehave (the protocol client cannot).

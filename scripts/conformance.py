@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from rtgateway.testing import GatewayProcess
+
 SECTIONS = ("1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "10.*")
 FULL_SECTIONS = (*SECTIONS, "9.*")
 # Settings for --full: section 9 sends messages of up to 16 MiB, echoed back whole.
@@ -122,56 +120,6 @@ def judge(
     }
 
 
-class Gateway:
-    """``python -m rtgateway`` on 127.0.0.1 port 0, its log kept."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = {
-            **os.environ,
-            "RTG_ADDR": "127.0.0.1:0",
-            "RTG_API_ADDR": "",
-            "RTG_LOG_FORMAT": "json",
-            **env,
-        }
-        self.lines: list[str] = []
-        self.port = 0
-        self.listening = threading.Event()
-
-    def __enter__(self) -> Gateway:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rtgateway"],
-            env=self.env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self.listening.wait(20):
-            self.proc.kill()
-            raise SystemExit("the gateway did not start:\n" + "\n".join(self.lines[-20:]))
-        return self
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-            if not self.port and '"gateway_listening"' in line:
-                self.port = int(json.loads(line)["addresses"][0].rsplit(":", 1)[1])
-                self.listening.set()
-
-    def __exit__(self, *exc: object) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(40)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def tracebacks(self) -> list[str]:
-        return [line for line in self.lines if "Traceback" in line or '"exception"' in line]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running gateway's echo URL (default: start one)")
@@ -198,8 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         run_kosoku(args.url, sections, out, args.timeout)
     else:
-        with Gateway(FULL_ENV if args.full else {}) as gateway:
+        gateway = GatewayProcess(FULL_ENV if args.full else {}).start()
+        try:
             run_kosoku(f"ws://127.0.0.1:{gateway.port}/ws/echo", sections, out, args.timeout)
+        finally:
+            gateway.stop(40)
         tracebacks = gateway.tracebacks()
     summary = judge(out, sections, exceptions)
     summary["gateway_tracebacks"] = tracebacks[:5]

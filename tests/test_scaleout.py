@@ -31,7 +31,6 @@ from conftest import running_gateway
 from support import (
     ROOT,
     GatewayProcess,
-    _parse,
     free_port,
     http_get,
     require_tool,
@@ -39,6 +38,8 @@ from support import (
 )
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+
+from rtgateway.testing import parse_log_line as _parse
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]
 
