@@ -30,6 +30,9 @@ class GatewayProcess:
     address is read from the ``gateway_listening`` log event.
     """
 
+    # The log event that says the process serves, with ``addresses``.
+    ready_event = "gateway_listening"
+
     def __init__(
         self,
         env: dict[str, str] | None = None,
@@ -82,7 +85,7 @@ class GatewayProcess:
             self.lines.append(line)
             if self.port is None:
                 event = parse_log_line(line)
-                if event.get("event") == "gateway_listening":
+                if event.get("event") == self.ready_event:
                     self.port = int(event["addresses"][0].rsplit(":", 1)[1])
                     self._listening.set()
 

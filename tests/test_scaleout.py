@@ -101,16 +101,7 @@ def redis_server() -> Iterator[RedisServer]:
 class SupervisorProcess(GatewayProcess):
     """``python -m rtgateway`` with ``RTG_WORKERS`` > 1: ready once ``supervisor_ready``."""
 
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
-            self.lines.append(line)
-            if self.port is None:
-                event = _parse(line)
-                if event.get("event") == "supervisor_ready":
-                    self.port = int(event["addresses"][0].rsplit(":", 1)[1])
-                    self._listening.set()
+    ready_event = "supervisor_ready"
 
     def worker_pid(self, index: int) -> int:
         started = [
