@@ -13,6 +13,9 @@ import uvloop
 from rtgateway.app import Gateway
 from rtgateway.config import Config
 
+# Fixtures that live in their own modules.
+pytest_plugins = ("redisserver",)
+
 # Defaults for in-process gateways: an ephemeral port, no stats line, a short
 # drain so that fixtures stop quickly.
 TEST_CONFIG = Config(
