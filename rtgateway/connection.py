@@ -27,7 +27,7 @@ from websockets.protocol import OPEN
 from . import protocol
 from .outbox import Outbox
 from .ratelimit import TokenBucket
-from .rooms import BrokerUnavailable
+from .rooms import BrokerOutcomeUnknown, BrokerUnavailable
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -227,6 +227,7 @@ class Session:
         "conn_id",
         "gateway",
         "hub",
+        "joining",
         "msg_bucket",
         "outbox",
         "rejected",
@@ -244,6 +245,8 @@ class Session:
         self.outbox = outbox
         self.conn_id = conn_id
         self.rooms: dict[str, str] = {}  # room -> this connection's policy there
+        # Rooms whose join waits for the broker -> the ids to acknowledge then.
+        self.joining: dict[str, list[protocol.MessageId]] = {}
         now = conn.loop.time()
         config = self.config
         self.msg_bucket = TokenBucket(config.rate_limit_msgs_per_s, config.rate_limit_burst, now)
@@ -277,7 +280,7 @@ class Session:
             async for message in self.conn:
                 await self.handle(message)
         finally:
-            for room in self.rooms:
+            for room in list(self.rooms):
                 self.hub.leave(room, self.outbox)
             self.rooms.clear()
 
@@ -344,6 +347,10 @@ class Session:
         if self.gateway.draining:
             self.error("draining", "the gateway is restarting; reconnect", msg.id)
             return
+        waiting = self.joining.get(msg.room)
+        if waiting is not None:
+            waiting.append(msg.id)  # answered with the first join
+            return
         joined = self.rooms.get(msg.room)
         if joined is not None:
             # Joining twice is acknowledged and changes nothing.
@@ -367,9 +374,22 @@ class Session:
             )
             return
         self.rooms[msg.room] = policy
-        members = self.hub.join(msg.room, self.outbox, policy)
-        if msg.id is not None:
-            self.reply(protocol.ack(msg.id, room=msg.room, members=members, policy=policy))
+        self.joining[msg.room] = [msg.id]
+        # Acknowledged once the room is live: at once with one process, once
+        # Redis confirmed the subscription with workers.
+        on_joined = functools.partial(self._joined, msg.room, policy)
+        self.hub.join(msg.room, self.outbox, policy, on_joined)
+
+    def _joined(self, room: str, policy: str, members: int | None) -> None:
+        ids = self.joining.pop(room, [])
+        if members is None:
+            self.rooms.pop(room, None)
+            for id in ids:
+                self.error("unavailable", "the gateway could not join the room now; retry", id)
+            return
+        for id in ids:
+            if id is not None:
+                self.reply(protocol.ack(id, room=room, members=members, policy=policy))
 
     def leave(self, msg: protocol.Leave) -> None:
         if msg.room not in self.rooms:
@@ -399,7 +419,14 @@ class Session:
         try:
             seq = await self.hub.publish(msg.room, msg.data, started=started)
         except BrokerUnavailable:
-            self.error("unavailable", "publishing is unavailable; retry later", msg.id)
+            self.error("unavailable", "not published: publishing is unavailable; retry", msg.id)
+            return
+        except BrokerOutcomeUnknown:
+            self.error(
+                "outcome_unknown",
+                "the broker did not confirm the publication in time; it may have been published",
+                msg.id,
+            )
             return
         if msg.id is not None:
             self.reply(protocol.ack(msg.id, room=msg.room, seq=seq))

@@ -11,6 +11,12 @@ a broker between processes (Redis) numbers them centrally and calls
 :meth:`Hub.deliver` on every process that has members. Connections and rooms
 do not change when the broker does.
 
+A room is *live* once the broker delivers its publications here: at once with
+the local broker, once Redis confirmed this process's subscription with Redis.
+A join is answered only when its room is live (its ``on_joined`` callback), so
+the acknowledgement means "every publication from now on reaches you"; until
+then the joiner waits in ``Room.pending``, for at most the broker's timeout.
+
 Publishers get backpressure by construction: with the local broker a publish
 is fanned out before the publisher's next message is read, so no room has an
 inbound queue to grow; member outboxes are bounded and never wait.
@@ -18,27 +24,52 @@ inbound queue to grow; member outboxes are bounded and never wait.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from . import protocol
 from .metrics import Metrics
 from .outbox import Outbox
 
-__all__ = ["Broker", "BrokerUnavailable", "Hub", "LocalBroker", "Room"]
+__all__ = [
+    "Broker",
+    "BrokerOutcomeUnknown",
+    "BrokerUnavailable",
+    "Hub",
+    "JoinCallback",
+    "LocalBroker",
+    "Room",
+]
+
+# Called once per join with the room's member count, or None when the broker
+# could not make the room live in time (the joiner is then not a member).
+JoinCallback = Callable[[int | None], None]
 
 
 class BrokerUnavailable(Exception):
-    """The broker cannot take publications now (for example, Redis is down)."""
+    """Not published: the broker could not take it (Redis is down, or never got it).
+
+    Retrying cannot duplicate the publication.
+    """
+
+
+class BrokerOutcomeUnknown(Exception):
+    """Sent to the broker but not confirmed in time: it may or may not have been published."""
 
 
 class Room:
-    __slots__ = ("members", "name", "seq")
+    __slots__ = ("live", "members", "name", "pending", "pending_timer", "seq")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, live: bool) -> None:
         self.name = name
         self.members: dict[Outbox, str] = {}
         self.seq = 0
+        self.live = live  # the broker delivers this room's publications here
+        # Joiners waiting for the room to become live: their policy and callback.
+        self.pending: dict[Outbox, tuple[str, JoinCallback]] = {}
+        self.pending_timer: asyncio.TimerHandle | None = None
 
     def fan_out(self, frame: bytes) -> int:
         for outbox, policy in self.members.items():
@@ -54,43 +85,114 @@ class Broker(Protocol):
         """
         ...
 
-    def room_opened(self, room: str) -> None:
-        """The first local member joined ``room``."""
+    @property
+    def available(self) -> bool:
+        """Whether a room can become live now (False while Redis is down)."""
+        ...
+
+    def room_opened(self, room: str) -> bool:
+        """The first local joiner came to ``room``; return whether it is live already.
+
+        If not, the broker calls :meth:`Hub.room_live` once it is.
+        """
+        ...
 
     def room_closed(self, room: str) -> None:
-        """The last local member left ``room``."""
+        """The last local member or joiner left ``room``."""
 
 
 class Hub:
     """This process's rooms. Single-threaded: only the event loop calls it."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, join_timeout_s: float = 2.0) -> None:
         self.metrics = metrics
+        self.join_timeout_s = join_timeout_s
         self.rooms: dict[str, Room] = {}
         self.broker: Broker = LocalBroker(self)
 
-    def join(self, name: str, member: Outbox, policy: str) -> int:
+    def join(self, name: str, member: Outbox, policy: str, on_joined: JoinCallback) -> None:
+        """Make ``member`` a member of ``name`` once the room is live; then ``on_joined``.
+
+        ``on_joined`` runs before any publication reaches the new member: at
+        once when the room is live, else when the broker confirms it (with
+        ``None`` if it cannot within ``join_timeout_s``).
+        """
         room = self.rooms.get(name)
         if room is None:
-            room = self.rooms[name] = Room(name)
+            if not self.broker.available:
+                on_joined(None)
+                return
+            room = self.rooms[name] = Room(name, live=False)
             self.metrics.rooms_current += 1
-            self.broker.room_opened(name)
+            room.live = self.broker.room_opened(name)
+        if room.live:
+            self._add(room, member, policy)
+            on_joined(len(room.members))
+            return
+        room.pending[member] = (policy, on_joined)
+        if room.pending_timer is None:
+            loop = asyncio.get_running_loop()
+            room.pending_timer = loop.call_later(self.join_timeout_s, self._joins_failed, room)
+
+    def _add(self, room: Room, member: Outbox, policy: str) -> None:
         if member not in room.members:
             self.metrics.room_members_current += 1
         room.members[member] = policy
-        return len(room.members)
+
+    def room_live(self, name: str) -> None:
+        """The broker delivers ``name``'s publications here now: admit its joiners."""
+        room = self.rooms.get(name)
+        if room is None or room.live:
+            return
+        room.live = True
+        self._cancel_pending_timer(room)
+        pending, room.pending = room.pending, {}
+        for member, (policy, on_joined) in pending.items():
+            self._add(room, member, policy)
+            on_joined(len(room.members))
+
+    def broker_down(self) -> None:
+        """The broker lost its connection: no room is live; waiting joins fail now."""
+        for room in list(self.rooms.values()):
+            room.live = False
+            self._joins_failed(room)
+
+    def _joins_failed(self, room: Room) -> None:
+        self._cancel_pending_timer(room)
+        pending, room.pending = room.pending, {}
+        for _policy, on_joined in pending.values():
+            on_joined(None)
+        self._close_if_empty(room)
+
+    def _cancel_pending_timer(self, room: Room) -> None:
+        if room.pending_timer is not None:
+            room.pending_timer.cancel()
+            room.pending_timer = None
 
     def leave(self, name: str, member: Outbox) -> int:
-        """Remove ``member``; return how many members remain."""
+        """Remove ``member``; return how many members remain.
+
+        A member still waiting for its room is answered first (joined, then left).
+        """
         room = self.rooms.get(name)
-        if room is None or room.members.pop(member, None) is None:
-            return len(room.members) if room else 0
-        self.metrics.room_members_current -= 1
-        if not room.members:
-            del self.rooms[name]
-            self.metrics.rooms_current -= 1
-            self.broker.room_closed(name)
-        return len(room.members)
+        if room is None:
+            return 0
+        waiting = room.pending.pop(member, None)
+        if waiting is not None:
+            waiting[1](len(room.members) + 1)
+        elif room.members.pop(member, None) is not None:
+            self.metrics.room_members_current -= 1
+        remaining = len(room.members)
+        self._close_if_empty(room)
+        return remaining
+
+    def _close_if_empty(self, room: Room) -> None:
+        if room.members or room.pending or self.rooms.get(room.name) is not room:
+            return
+        self._cancel_pending_timer(room)
+        del self.rooms[room.name]
+        self.metrics.rooms_current -= 1
+        self.broker.room_closed(room.name)
 
     def members(self, name: str) -> int:
         room = self.rooms.get(name)
@@ -109,13 +211,21 @@ class Hub:
             ts_ms = time.time_ns() // 1_000_000
         return await self.broker.publish(name, ts_ms, data, started)
 
+    def seq(self, name: str) -> int:
+        """The highest ``seq`` delivered here in ``name`` (0: none, or no such room)."""
+        room = self.rooms.get(name)
+        return room.seq if room is not None else 0
+
     def deliver(self, name: str, seq: int, ts_ms: int, data: bytes, started: float) -> int:
-        """Fan one numbered publication out to the local members of ``name``."""
+        """Fan one numbered publication out to the local members of ``name``.
+
+        ``seq`` must be above every ``seq`` delivered in the room before: the
+        broker drops what is not (see :meth:`seq`).
+        """
         room = self.rooms.get(name)
         if room is None:
             return 0
-        if seq > room.seq:
-            room.seq = seq
+        room.seq = seq
         recipients = room.fan_out(protocol.message_frame(name, seq, ts_ms, data))
         self.metrics.published(recipients, time.perf_counter() - started)
         return recipients
@@ -135,8 +245,10 @@ class LocalBroker:
         self.hub.deliver(room, seq, ts_ms, data, started)
         return seq
 
-    def room_opened(self, room: str) -> None:
-        pass
+    available = True
+
+    def room_opened(self, room: str) -> bool:
+        return True
 
     def room_closed(self, room: str) -> None:
         pass
