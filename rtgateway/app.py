@@ -39,7 +39,7 @@ from .metrics import Metrics
 from .outbox import Flusher, Outbox
 from .rooms import Hub
 from .systemd import Notifier, watchdog_interval
-from .worker import WorkerInfo, WorkerSocket, render_host
+from .worker import HostMetrics, WorkerInfo, WorkerSocket
 
 if TYPE_CHECKING:
     from .broker import RedisBroker
@@ -80,12 +80,19 @@ class Gateway:
         self.worker = worker  # None: a single-process gateway
         self.log = get_logger()
         self.metrics = Metrics(version=__version__, websockets_version=websockets_version)
-        self.hub = Hub(self.metrics)
+        self.hub = Hub(self.metrics, join_timeout_s=config.broker_timeout_s)
         self.broker: RedisBroker | None = None
         if config.broker_url:
             from .broker import RedisBroker  # only deployments with Redis import redis
 
-            self.broker = RedisBroker(self.hub, config.broker_url, self.metrics, self.log)
+            self.broker = RedisBroker(
+                self.hub,
+                config.broker_url,
+                self.metrics,
+                self.log,
+                timeout_s=config.broker_timeout_s,
+                room_ttl_s=config.broker_room_ttl_s,
+            )
             self.hub.broker = self.broker
             self.metrics.broker_connected = False
         self.worker_socket: WorkerSocket | None = None
@@ -201,7 +208,7 @@ class Gateway:
         if self.broker is not None:
             await self._connect_broker()
         if self.worker is not None:
-            self._serve_worker_socket(self.worker)
+            await self._serve_worker_socket(self.worker)
         self.notifier.notify("READY=1", f"STATUS=serving 0 connections on {config.addr}")
         self.log.info("gateway_listening", addresses=self.addresses, api_addresses=api_addresses)
         self.ready.set()
@@ -216,14 +223,14 @@ class Gateway:
         except TimeoutError:
             self.log.warning("broker_unavailable_at_start", url=self.config.broker_url)
 
-    def _serve_worker_socket(self, worker: WorkerInfo) -> None:
+    async def _serve_worker_socket(self, worker: WorkerInfo) -> None:
         self.worker_socket = WorkerSocket(
             worker.socket_path(),
-            self.metrics.render_local,
+            self.metrics.render,
             lambda: time.monotonic() - self.last_tick,
         )
-        self.worker_socket.start()
-        self.metrics.render_hook = lambda: render_host(worker, self.metrics.render_local())
+        await self.worker_socket.start()
+        self.metrics.render_hook = HostMetrics(worker, self.metrics.render).render
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -333,7 +340,7 @@ class Gateway:
         if self.broker is not None:
             await self.broker.close()
         if self.worker_socket is not None:
-            self.worker_socket.stop()
+            await self.worker_socket.stop()
         self.log.info(
             "drain_finished",
             duration_s=round(loop.time() - started, 3),

@@ -320,6 +320,18 @@ SETTINGS: tuple[Setting, ...] = (
         "empty = this process only",
         "URL",
     ),
+    Setting(
+        "broker_timeout_s",
+        _seconds(0, allow_zero=False),
+        "2",
+        "how long Redis may take to take a publication or confirm a join, seconds",
+    ),
+    Setting(
+        "broker_room_ttl_s",
+        _seconds(1),
+        "600",
+        "a room's seq counter is kept in Redis this long after its last member anywhere, s",
+    ),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -360,6 +372,8 @@ class Config:
     demo: bool = True
     workers: int = 1
     broker_url: str = ""
+    broker_timeout_s: float = 2.0
+    broker_room_ttl_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.workers > 1 and not self.broker_url:

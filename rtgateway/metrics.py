@@ -12,7 +12,7 @@ import asyncio
 import bisect
 import platform
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import prometheus_client
 from prometheus_client.core import (
@@ -130,9 +130,10 @@ class Metrics:
         self.broker_connected: bool | None = None
         self.broker_reconnects = 0
         self.broker_errors = 0
+        self.broker_stale = 0
         # Set on a worker of a multi-process gateway: renders the whole host
-        # (this worker and its siblings) instead of this process alone.
-        self.render_hook: Callable[[], bytes] | None = None
+        # (this worker and its siblings) for /metrics, instead of this process.
+        self.render_hook: Callable[[], Awaitable[bytes]] | None = None
 
         self.registry = CollectorRegistry(auto_describe=True)
         prometheus_client.ProcessCollector(registry=self.registry)
@@ -177,12 +178,7 @@ class Metrics:
         self.broker_reconnects += 1
 
     def render(self) -> bytes:
-        """What ``/metrics`` answers: this process, or the whole host under workers."""
-        if self.render_hook is not None:
-            return self.render_hook()
-        return self.render_local()
-
-    def render_local(self) -> bytes:
+        """This process's metrics as Prometheus text (see ``render_hook`` for the host's)."""
         return prometheus_client.generate_latest(self.registry)
 
     def collect(self) -> Iterable[Metric]:
@@ -279,6 +275,12 @@ class Metrics:
                 "broker_errors",
                 "Broker failures: lost connections, failed publishes, bad payloads.",
                 self.broker_errors,
+            )
+            yield counter(
+                "broker_stale",
+                "Publications dropped because a lost Redis counter numbered them below what "
+                "members had seen; members see them as a gap.",
+                self.broker_stale,
             )
         yield self.fanout.family(p + "fanout_recipients", "Recipients per publication.")
         yield self.publish_seconds.family(
