@@ -20,6 +20,7 @@ the hub.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import hmac
 import json
@@ -49,7 +50,7 @@ from .http11 import (
     retry_after,
 )
 from .metrics import LATENCY_BUCKETS, Histogram
-from .rooms import BrokerUnavailable
+from .rooms import BrokerOutcomeUnknown, BrokerUnavailable
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -88,6 +89,7 @@ STATUS_OF: Final = {
     "internal": 500,
     "draining": 503,
     "unavailable": 503,
+    "outcome_unknown": 504,
 }
 # The code of each status that the HTTP layer refuses with on its own.
 CODE_OF: Final = {
@@ -388,7 +390,14 @@ class ApiServer:
             seq = await self.gateway.hub.publish(room, data, started=started)
         except BrokerUnavailable:
             raise ApiError(
-                "unavailable", "publishing is unavailable; retry later", headers=retry_after()
+                "unavailable",
+                "not published: publishing is unavailable; retry",
+                headers=retry_after(),
+            ) from None
+        except BrokerOutcomeUnknown:
+            raise ApiError(
+                "outcome_unknown",
+                "the broker did not confirm the publication in time; it may have been published",
             ) from None
         return Response.json(200, {"seq": seq})
 
@@ -399,15 +408,25 @@ class ApiServer:
             raise ApiError("bad_message", f"at most {MAX_BATCH_ITEMS} publications per batch")
         # Validate all first: a bad batch publishes nothing.
         publications = [self._publication(item, index) for index, item in enumerate(body)]
+        # All at once: the broker keeps their order (Redis gets them in one
+        # round trip), and each gets its own result.
+        hub = self.gateway.hub
+        outcomes = await asyncio.gather(
+            *(hub.publish(room, data, started=started) for room, data in publications),
+            return_exceptions=True,
+        )
         results: list[dict[str, Any]] = []
-        for room, data in publications:
-            try:
-                seq = await self.gateway.hub.publish(room, data, started=started)
-            except BrokerUnavailable:
-                message = "publishing is unavailable; retry this one later"
+        for outcome in outcomes:
+            if isinstance(outcome, BrokerUnavailable):
+                message = "not published: publishing is unavailable; retry this one"
                 results.append({"error": {"code": "unavailable", "message": message}})
+            elif isinstance(outcome, BrokerOutcomeUnknown):
+                message = "the broker did not confirm this one in time; it may have been published"
+                results.append({"error": {"code": "outcome_unknown", "message": message}})
+            elif isinstance(outcome, BaseException):
+                raise outcome
             else:
-                results.append({"seq": seq})
+                results.append({"seq": outcome})
         return Response.json(200, results)
 
     def _room(self, room: str) -> Response:

@@ -52,6 +52,7 @@ ERROR_CODES: Final = (
     "draining",
     "unavailable",
     "internal",
+    "outcome_unknown",
 )
 
 POLICIES: Final = ("disconnect", "drop_oldest", "drop_newest")

@@ -23,7 +23,7 @@ from rtgateway.api import MAX_BATCH_ITEMS, ApiServer
 from rtgateway.app import Gateway
 from rtgateway.client import Client
 from rtgateway.connection import MESSAGE_ENVELOPE_BYTES
-from rtgateway.rooms import BrokerUnavailable
+from rtgateway.rooms import BrokerOutcomeUnknown, BrokerUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 5.0
@@ -214,21 +214,27 @@ async def test_batch_over_the_item_limit_is_refused() -> None:
         assert (reply.status, reply.code) == (400, "bad_message")
 
 
+class FailingBroker:
+    """A broker whose publications all fail with ``error``, as Redis when down or stalled."""
+
+    available = True
+
+    def __init__(self, error: type[Exception]) -> None:
+        self.error = error
+
+    async def publish(self, room: str, ts_ms: int, data: bytes, started: float) -> int:
+        raise self.error
+
+    def room_opened(self, room: str) -> bool:
+        return True
+
+    def room_closed(self, room: str) -> None:
+        pass
+
+
 async def test_broker_unavailable_answers_503_unavailable() -> None:
-    class DownBroker:
-        """A broker that cannot take publications, as a Redis broker while Redis is down."""
-
-        async def publish(self, room: str, ts_ms: int, data: bytes, started: float) -> int:
-            raise BrokerUnavailable
-
-        def room_opened(self, room: str) -> None:
-            pass
-
-        def room_closed(self, room: str) -> None:
-            pass
-
     async with running_gateway() as gw:
-        gw.gateway.hub.broker = DownBroker()
+        gw.gateway.hub.broker = FailingBroker(BrokerUnavailable)
         port = api_port(gw)
         reply = await call(port, "POST", "/api/publish", {"room": "lobby", "data": 1})
         assert (reply.status, reply.code) == (503, "unavailable")
@@ -236,6 +242,19 @@ async def test_broker_unavailable_answers_503_unavailable() -> None:
         reply = await call(port, "POST", "/api/publish/batch", [{"room": "lobby", "data": 1}])
         assert reply.status == 200
         assert reply.json()[0]["error"]["code"] == "unavailable"
+
+
+async def test_broker_outcome_unknown_answers_504_outcome_unknown() -> None:
+    async with running_gateway() as gw:
+        gw.gateway.hub.broker = FailingBroker(BrokerOutcomeUnknown)
+        port = api_port(gw)
+        reply = await call(port, "POST", "/api/publish", {"room": "lobby", "data": 1})
+        assert (reply.status, reply.code) == (504, "outcome_unknown")
+        assert "retry-after" not in reply.headers
+        batch = [{"room": "lobby", "data": 1}, {"room": "other", "data": 2}]
+        reply = await call(port, "POST", "/api/publish/batch", batch)
+        assert reply.status == 200
+        assert [r["error"]["code"] for r in reply.json()] == ["outcome_unknown"] * 2
 
 
 # Reading.
