@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http
 import random
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import TYPE_CHECKING
 
@@ -60,7 +61,7 @@ def _text(status: int, text: str, **headers: str) -> Response:
 
 def process_request(
     gateway: Gateway, connection: GatewayConnection, request: Request
-) -> Response | None:
+) -> Response | Awaitable[Response] | None:
     path = request.path.partition("?")[0]
     metrics = gateway.metrics
     if request.method not in ("GET", "HEAD"):
@@ -71,6 +72,8 @@ def process_request(
             return _text(503, "draining")
         return _text(200, "ok")
     if path == "/metrics":
+        if metrics.render_hook is not None:
+            return _host_metrics(metrics.render_hook)
         return _response(200, metrics.render(), PROMETHEUS_CONTENT_TYPE)
     if path in gateway.static:
         body, content_type = gateway.static[path]
@@ -96,6 +99,11 @@ def process_request(
         metrics.handshake_rejected("connection_limit")
         return _text(503, "too many connections\n", Retry_After=_retry_after())
     return None
+
+
+async def _host_metrics(render: Callable[[], Awaitable[bytes]]) -> Response:
+    # Under workers: the siblings' metrics are fetched without blocking this loop.
+    return _response(200, await render(), PROMETHEUS_CONTENT_TYPE)
 
 
 def process_response(
