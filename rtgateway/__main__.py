@@ -26,6 +26,8 @@ from .worker import ADDR_ENV, WorkerInfo
 
 __all__ = ["main"]
 
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -78,18 +80,21 @@ def run(config: Config, worker: WorkerInfo | None = None) -> int:
 
         def on_signal(signum: int) -> None:
             if stop.is_set():
-                if worker is not None:
-                    # systemd's default KillMode signals every process of the
-                    # unit as well as the supervisor, which forwards its own:
-                    # a worker leaves escalation to the supervisor.
-                    logger.info("signal_ignored_draining", signal=signal.Signals(signum).name)
-                    return
                 logger.warning("second_signal_exit", signal=signal.Signals(signum).name)
                 os._exit(1)
             logger.info("shutdown_signal", signal=signal.Signals(signum).name)
             stop.set()
+            if worker is not None:
+                # systemd's default KillMode signals every process of the unit
+                # as well as the supervisor, which forwards its own: a worker
+                # leaves escalation to the supervisor and ignores the rest
+                # until it exits. (Removed from the loop first: closing, the
+                # loop would restore the default action, which kills.)
+                for other in SHUTDOWN_SIGNALS:
+                    loop.remove_signal_handler(other)
+                    signal.signal(other, signal.SIG_IGN)
 
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in SHUTDOWN_SIGNALS:
             loop.add_signal_handler(signum, on_signal, signum)
         await Gateway(config, worker=worker).serve(stop.wait)
 
