@@ -10,8 +10,9 @@ What a run does, in order:
 1. starts ``redis-server`` (unless ``--broker-url`` or ``--no-broker``), then
    ``python -m rtgateway`` with ``RTG_WORKERS=--workers`` on a port below the
    ephemeral range (its settings: :func:`gateway_env`), then ``--load-procs``
-   load processes (bench/loadclient.py) each from its own source address
-   (127.0.0.2, 127.0.0.3, ...) plus one publisher process;
+   load processes (bench/loadclient.py), each from its own source addresses
+   (127.0.0.2, 127.0.0.3, ...: one per :data:`SOCKETS_PER_SOURCE` sockets),
+   plus one publisher process;
 2. opens ``--connections`` WebSockets, paced (at most ``--connect-window``
    handshakes in flight per load process, halved whenever one takes longer
    than ``--connect-latency-target``, optionally capped at ``--connect-rate``
@@ -86,6 +87,16 @@ from c100k_report import figures, plot, print_report
 # of connections over SO_REUSEPORT listeners (a few hundred at 17k each).
 PER_PROCESS = 17_000
 MAX_PER_PROCESS = 19_000
+# Sockets per source address. connect() picks a source port from one half of
+# the ephemeral range first (~14k ports); past it every pick scans the other
+# half. Each load process takes enough addresses to stay well inside it.
+SOCKETS_PER_SOURCE = 6000
+# Offered deliveries/s per core in the two publishing phases. Two cores hold
+# 100k idle connections at ~0.6 of a core (pings and timers) and carry the load
+# generator too; at twice these rates the small rooms' latency grew for the
+# whole phase (2 cores, 100k: 30k/s offered, 20k/s delivered).
+ROOMS_DELIVERIES_PER_CORE = 7_500
+LARGE_DELIVERIES_PER_CORE = 10_000
 LARGE_ROOM = "all"
 STATUS_INTERVAL_S = 1.0  # load processes report their counts this often
 CLIENT_TIMEOUT_S = 15.0  # a load client gives up an open after this (> the gateway's 10 s)
@@ -105,8 +116,8 @@ def defaults(cores: int, connections: int) -> dict[str, Any]:
     return {
         "workers": processes,
         "load_procs": processes,
-        "rooms_deliveries_per_s": 15_000 * cores,
-        "large_deliveries_per_s": 20_000 * cores,
+        "rooms_deliveries_per_s": ROOMS_DELIVERIES_PER_CORE * cores,
+        "large_deliveries_per_s": LARGE_DELIVERIES_PER_CORE * cores,
     }
 
 
@@ -174,13 +185,15 @@ def connect(args: argparse.Namespace, gateway: Gateway, load: Load) -> dict[str,
         "rate": args.connect_rate / len(load.subscribers),
         "timeout_s": CLIENT_TIMEOUT_S,
     }
-    pub_source = f"127.0.0.{2 + len(load.subscribers)}"
+    n = len(load.subscribers)
+    per_source = math.ceil(args.connections / n / SOCKETS_PER_SOURCE)
+    sources = [[f"127.0.0.{2 + i * per_source + j}" for j in range(per_source)] for i in range(n)]
+    pub_source = f"127.0.0.{2 + n * per_source}"
     publisher = {**spec, "rooms": [], "sources": [pub_source], "publisher": True}
     load.publisher.call("connect", publisher)
     started = time.monotonic()
-    n = len(load.subscribers)
     for i, p in enumerate(load.subscribers):
-        p.send("connect", {**spec, "rooms": plans[i::n], "sources": [f"127.0.0.{2 + i}"]})
+        p.send("connect", {**spec, "rooms": plans[i::n], "sources": sources[i]})
     results: list[Any] = [None] * n
     last_print, last_done = started, 0
     while any(r is None for r in results):
@@ -222,6 +235,26 @@ def connect(args: argparse.Namespace, gateway: Gateway, load: Load) -> dict[str,
         "window_cuts": sum(r["window_cuts"] for r in results),
         "handshake_s": handshake,
         "open_s": opened,
+    }
+
+
+def idle(duration_s: float, gateway: Gateway, load: Load, redis: Redis | None) -> dict[str, Any]:
+    """What holding the connections costs with nothing published: pings, timers."""
+    print(f"  idle: {duration_s:g} s", file=sys.stderr, flush=True)
+    cpu0, redis0 = gateway.cpu(), cpu_seconds(redis.proc.pid) if redis else 0.0
+    load_cpu0 = sum(cpu_seconds(pid) for pid in load.pids)
+    busy0, total0 = host_cpu()
+    started = time.monotonic()
+    time.sleep(duration_s)
+    seconds = time.monotonic() - started
+    busy1, total1 = host_cpu()
+    return {
+        "seconds": round(seconds, 2),
+        "open": load.total("open"),
+        "gateway_cpu_s": round(gateway.cpu() - cpu0, 2),
+        "redis_cpu_s": round((cpu_seconds(redis.proc.pid) if redis else 0.0) - redis0, 2),
+        "load_cpu_s": round(sum(cpu_seconds(pid) for pid in load.pids) - load_cpu0, 2),
+        "host_cpu_busy": round((busy1 - busy0) / max(1, total1 - total0), 3),
     }
 
 
@@ -359,6 +392,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         events["connect_end"] = held_from = time.monotonic() - t0
         time.sleep(SETTLE_S)
         report["memory"] = {"before": before, "after": snapshot(gateway, load)}
+        sampler.quiet.set()  # from here to the drain, what is measured is the gateway's own
+        events["idle_start"] = time.monotonic() - t0
+        report["idle"] = idle(args.idle_duration, gateway, load, redis)
+        events["idle_end"] = time.monotonic() - t0
         members = report["connect"]["members"]
         phases = {}
         n_rooms = max(1, math.ceil(args.connections / args.room_size))
@@ -373,6 +410,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             phases[name] = publish(name, rooms, members, rate, duration, gateway, load, redis)
             events[f"{name}_end"] = time.monotonic() - t0
         report["phases"] = phases
+        sampler.quiet.clear()
         remaining = held_from + args.hold - (time.monotonic() - t0)
         if remaining > 0:
             print(f"  holding {remaining:.0f} s more", file=sys.stderr, flush=True)
@@ -433,14 +471,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add(
         "--rooms-rate",
         type=float,
-        help="publications/s to the small rooms, round-robin (default: 15000 deliveries/s per"
-        f" core: here {here['rooms_deliveries_per_s'] / 1000:g}/s to rooms of 1000)",
+        help="publications/s to the small rooms, round-robin (default:"
+        f" {ROOMS_DELIVERIES_PER_CORE} deliveries/s per core:"
+        f" here {here['rooms_deliveries_per_s'] / 1000:g}/s to rooms of 1000)",
     )
     add(
         "--large-rate",
         type=float,
-        help="publications/s to the large room (default: 20000 deliveries/s per core: here"
-        f" {here['large_deliveries_per_s'] / 100_000:g}/s to 100k members)",
+        help=f"publications/s to the large room (default: {LARGE_DELIVERIES_PER_CORE}"
+        f" deliveries/s per core: here {here['large_deliveries_per_s'] / 100_000:g}/s"
+        " to 100k members)",
     )
     add("--rooms-duration", type=float, help="seconds of publishing to the small rooms")
     add(
@@ -498,8 +538,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"{per:,} connections per {what}: past the 20000 open-files limit of a process;"
                 f" use at least {math.ceil(args.connections / PER_PROCESS)} or fewer connections"
             )
-    if args.load_procs + 1 > 250:
-        parser.error("one source address per load process: at most 249 of them")
+    addresses = args.load_procs * math.ceil(args.connections / args.load_procs / SOCKETS_PER_SOURCE)
+    if addresses + 1 > 250:
+        parser.error(f"{addresses} source addresses (127.0.0.2 and up): at most 249")
     if not 0 <= args.large_share <= 1:
         parser.error("--large-share is a fraction between 0 and 1")
     large_members = int(args.connections * args.large_share)
@@ -509,6 +550,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.large_rate is None:
         args.large_rate = round(derived["large_deliveries_per_s"] / max(1, large_members), 3)
     phase_s = max(1.0, min(20.0, args.hold / 3))
+    args.idle_duration = max(1.0, min(10.0, args.hold / 6))
     args.rooms_duration = phase_s if args.rooms_duration is None else args.rooms_duration
     args.large_duration = phase_s if args.large_duration is None else args.large_duration
     if not args.no_broker and not args.broker_url:

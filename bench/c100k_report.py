@@ -20,6 +20,7 @@ GOAL_KIB_PER_CONNECTION = 16.0
 SERVICE_RESTART = 1012
 PHASE_COLOURS = {
     "connect": "tab:blue",
+    "idle": "tab:grey",
     "rooms": "tab:green",
     "large": "tab:orange",
     "drain": "tab:red",
@@ -128,6 +129,13 @@ def figures(report: dict[str, Any]) -> dict[str, Any]:
         summary["connect"] = conn
     if "memory" in report:
         summary["memory"] = _memory(report, connected)
+    if "idle" in report:
+        idle = dict(report["idle"])
+        cores = idle["gateway_cpu_s"] / idle["seconds"]
+        idle["gateway_cores"] = round(cores, 3)
+        idle["gateway_cores_per_100k"] = round(cores * 100_000 / max(1, idle["open"]), 3)
+        idle["gateway_us_per_connection_s"] = round(cores * 1e6 / max(1, idle["open"]), 2)
+        summary["idle"] = idle
     summary["latency_timeline"] = _latency_timeline(report, report["t0_ns"])
     summary["phases"] = {name: _phase(p) for name, p in report.get("phases", {}).items()}
     summary["drain"] = report.get("drain", {})
@@ -267,6 +275,15 @@ def print_report(report: dict[str, Any], s: dict[str, Any]) -> None:
         ):
             print(f"  {title:<44}{_fmt(m[key]):>10}", file=out)
         print(f"  gateway RSS MiB per worker: {m['gateway_rss_mib_after']}", file=out)
+    idle = s.get("idle")
+    if idle:
+        print(f"\nidle ({idle['seconds']} s, nothing published)", file=out)
+        print(
+            f"  gateway {idle['gateway_cores']} cores ({idle['gateway_cores_per_100k']} per 100k"
+            f" connections, {idle['gateway_us_per_connection_s']} µs per connection-second);"
+            f" load {idle['load_cpu_s']} CPU-s; host CPU busy {100 * idle['host_cpu_busy']:.0f} %",
+            file=out,
+        )
     for name, p in s["phases"].items():
         lat = p["latency_ms"]
         print(
