@@ -319,6 +319,7 @@ def publish(
         "published": pub["sent"],
         "acked": pub["acked"],
         "refused": pub["errors"],
+        "refused_by_room": pub["refused_by_room"],
         "unanswered": pub["unanswered"],
         "deliveries_expected": expected,
         "deliveries_received": sum(by_room.values()),

@@ -322,6 +322,8 @@ def print_report(report: dict[str, Any], s: dict[str, Any]) -> None:
         ]
         for title, value in rows:
             print(f"  {title:<44}{value}", file=out)
+        if p["refused_by_room"]:
+            print(f"  refused publications by room: {_shorten(p['refused_by_room'])}", file=out)
         if p["rooms_with_loss"]:
             print(f"  rooms short of deliveries: {_shorten(p['rooms_with_loss'])}", file=out)
         for worker, rooms in p["silent_members"].items():

@@ -492,6 +492,7 @@ class Worker:
                 await asyncio.wait_for(pub.expect(), 0.5)
         acked_by_room: dict[str, int] = {}
         errors: dict[str, int] = {}
+        refused_by_room: dict[str, int] = {}
         for reply in replies:
             message = json.loads(reply)
             if message.get("op") == "ack":
@@ -500,11 +501,15 @@ class Worker:
             else:
                 code = str(message.get("code", message.get("op")))
                 errors[code] = errors.get(code, 0) + 1
+                if isinstance(message.get("id"), int) and 0 < message["id"] <= len(sent_to):
+                    room = sent_to[message["id"] - 1].decode()
+                    refused_by_room[room] = refused_by_room.get(room, 0) + 1
         return {
             "sent": sent,
             "acked": pub.acks - acks_before,
             "acked_by_room": acked_by_room,
             "errors": errors,
+            "refused_by_room": refused_by_room,
             "unanswered": max(0, sent - len(replies)),
             "publishing_s": publishing_s,
             "last_sent_ns": last_sent_ns,
