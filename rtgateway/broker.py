@@ -20,7 +20,8 @@ Two connections per process, each with one job:
   meanwhile. A room is *live* (:meth:`~rtgateway.rooms.Hub.room_live`) once
   its subscribe is confirmed with nothing else in flight: only then are its
   joins acknowledged. A PING every second keeps a silent connection honest: a
-  Redis that answers nothing for 3 s (hung, or cut off) counts as lost.
+  Redis that answers nothing for 3 s (hung, or cut off) counts as lost; time
+  this process's own event loop spent too busy to read does not count.
 - **Publications** (:class:`_Publisher`). Script calls wait in one queue and
   leave in the order they came, pipelined: one write and one round trip for
   everything that waits, on one connection that is checked before each use
@@ -112,6 +113,7 @@ CHANNEL = "rtg:room:"
 CONNECT_TIMEOUT_S = 1.0
 KEEPALIVE_INTERVAL_S = 1.0  # PING the subscription connection when it was this quiet
 KEEPALIVE_TIMEOUT_S = 3.0  # nothing at all from Redis for this long: the connection is lost
+KEEPALIVE_LATE_S = 0.5  # a keepalive tick later than this: the loop was busy, not Redis silent
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 5.0
 MAX_BATCH = 512  # script calls per pipelined write
@@ -578,16 +580,21 @@ class RedisBroker:
 
     async def _keepalive(self, conn: Connection) -> None:
         loop = asyncio.get_running_loop()
+        silent = 0.0  # time Redis had to answer while this loop was responsive
+        heard = self.last_seen
         while True:
             before = loop.time()
             await asyncio.sleep(KEEPALIVE_INTERVAL_S)
             now = loop.time()
-            if now - before > 2 * KEEPALIVE_INTERVAL_S:
-                continue  # this event loop was stalled, not Redis: judge it next time
-            quiet = now - self.last_seen
-            if quiet >= KEEPALIVE_TIMEOUT_S:
-                raise BrokerStalled(f"no answer from redis for {quiet:.1f} s")
-            if quiet >= KEEPALIVE_INTERVAL_S:
+            if self.last_seen != heard:
+                heard, silent = self.last_seen, 0.0
+            elif now - before < KEEPALIVE_INTERVAL_S + KEEPALIVE_LATE_S:
+                silent += now - before
+            # (A tick this late means this event loop was too busy to read
+            # Redis's answers: that time is not Redis's silence.)
+            if silent >= KEEPALIVE_TIMEOUT_S:
+                raise BrokerStalled(f"no answer from redis for {silent:.1f} s")
+            if now - self.last_seen >= KEEPALIVE_INTERVAL_S:
                 await conn.send_command("PING", check_health=False)
 
     async def _refresh(self) -> None:
