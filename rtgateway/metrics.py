@@ -23,6 +23,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from . import log
 from .protocol import ERROR_CODES
 
 __all__ = [
@@ -280,6 +281,18 @@ class Metrics:
                 "Broker failures: lost connections, failed publishes, bad payloads.",
                 self.broker_errors,
             )
+        yield labelled(
+            "log_events",
+            "Log events at warning level or above, by level, every one of them.",
+            "level",
+            log.EVENTS,
+        )
+        yield labelled(
+            "log_events_suppressed",
+            "Repeated log events at warning level or above that were counted, not written.",
+            "level",
+            log.SUPPRESSED,
+        )
         yield self.fanout.family(p + "fanout_recipients", "Recipients per publication.")
         yield self.publish_seconds.family(
             p + "publish_seconds",
