@@ -427,9 +427,16 @@ class ApiServer:
                 raise ApiError("bad_request", f"{name} given more than once")
         if "limit" in params:
             text = params["limit"][0]
-            if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_PAGE):
+            # The length first: int() of more than 4300 digits raises.
+            digits = text.lstrip("0") or "0"
+            if not (
+                text.isascii()
+                and text.isdigit()
+                and len(digits) <= 4
+                and 1 <= int(digits) <= MAX_PAGE
+            ):
                 raise ApiError("bad_request", f"limit must be an integer from 1 to {MAX_PAGE}")
-            limit = int(text)
+            limit = int(digits)
         if "cursor" in params:
             cursor = params["cursor"][0]
             if not protocol.valid_room(cursor):

@@ -21,7 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidMessage
 from websockets.protocol import OPEN
 
 from . import protocol
@@ -54,6 +54,8 @@ class GatewayConnection(ServerConnection):
         self.outbox: Outbox | None = None
         self.made_at = 0.0
         self.abort_handle: asyncio.TimerHandle | None = None
+        # The last bytes of the request head read so far; None once it is whole.
+        self.head_tail: bytes | None = b""
 
     # Accounting: every accepted socket, handshake done or not.
 
@@ -90,6 +92,9 @@ class GatewayConnection(ServerConnection):
                 gateway.metrics.handshake_rejected("bad_request")
 
     def data_received(self, data: bytes) -> None:
+        if self.head_tail is not None and self._bare_lf(data):
+            self._refuse(400, "lines must end with CRLF\n")
+            return
         super().data_received(data)
         # websockets sets close_deadline when it fails the connection or
         # answers a close frame here, but only a pending send enforces it: a
@@ -109,6 +114,32 @@ class GatewayConnection(ServerConnection):
                 self.outbox.discard()
                 self.outbox.close_reason = "write_buffer"
             self.transport.abort()
+
+    def _bare_lf(self, data: bytes) -> bool:
+        """Whether the request head so far has a LF without its CR.
+
+        websockets closes such a request without an answer; it gets a 400
+        here, as on the API port (see ``http11._read_lines`` for why it is
+        refused rather than read as nginx does).
+        """
+        assert self.head_tail is not None
+        seen = self.head_tail
+        joined = seen + data
+        end = joined.find(b"\r\n\r\n")
+        head = joined if end == -1 else joined[: end + 4]
+        self.head_tail = None if end != -1 else head[-3:]
+        # LFs without a CR before them, in the new bytes (the tail was checked).
+        bare = head.count(b"\n") - head.count(b"\r\n")
+        return bare > seen.count(b"\n") - seen.count(b"\r\n")
+
+    def _refuse(self, status: int, text: str) -> None:
+        """Answer a request head that websockets would not read, and close."""
+        self.protocol.handshake_exc = InvalidMessage(text.strip())
+        response = self.protocol.reject(status, text)
+        response.headers["Server"] = self.gateway.server_name
+        self.protocol.send_response(response)
+        self.send_data()
+        self.transport.close()
 
     def resume_writing(self) -> None:
         super().resume_writing()

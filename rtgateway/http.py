@@ -66,6 +66,17 @@ def process_request(
     if request.method not in ("GET", "HEAD"):
         metrics.handshake_rejected("method")
         return _text(405, "method not allowed\n", Allow="GET")
+    # RFC 9112 §3.2: exactly one Host in an HTTP/1.1 request (RFC 6455 §4.1
+    # requires it on a handshake); a second Origin would let a check and a
+    # browser disagree about which one counts.
+    hosts = request.headers.get_all("Host")
+    if len(hosts) > 1 or (not hosts and request.protocol == "HTTP/1.1"):
+        metrics.handshake_rejected("bad_request")
+        return _text(400, "exactly one Host header is required\n")
+    origins = request.headers.get_all("Origin")
+    if len(origins) > 1:
+        metrics.handshake_rejected("bad_request")
+        return _text(400, "Origin given more than once\n")
     if path in ("/healthz", "/readyz"):
         if gateway.draining:
             return _text(503, "draining")
@@ -84,9 +95,8 @@ def process_request(
     if request.protocol != "HTTP/1.1":
         metrics.handshake_rejected("bad_request")
         return _text(400, "WebSocket needs HTTP/1.1\n")
-    origin = request.headers.get("Origin")
     allowed = gateway.config.allowed_origins
-    if allowed and origin is not None and origin not in allowed:
+    if allowed and origins and origins[0] not in allowed:
         metrics.handshake_rejected("origin")
         return _text(403, "origin not allowed\n")
     if gateway.draining:
