@@ -174,13 +174,18 @@ def route(path: str) -> tuple[str, str | None]:
 def load_json(body: bytes) -> Any:
     """Parse a request body like the room protocol parses a message."""
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        return json.loads(
+            body.decode("utf-8"),
+            parse_constant=_reject_constant,
+            parse_float=protocol.finite_float,
+        )
     except UnicodeDecodeError:
         raise ApiError("bad_json", "the body is not UTF-8") from None
     except RecursionError:
         raise ApiError("bad_json", "the body is nested too deeply") from None
     except ValueError:
-        # JSONDecodeError, NaN/Infinity, and integers past Python's 4300-digit limit.
+        # JSONDecodeError, NaN/Infinity, numbers out of range (1e999), and
+        # integers past Python's 4300-digit limit.
         raise ApiError("bad_json", "the body is not valid JSON") from None
 
 

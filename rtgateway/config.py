@@ -266,6 +266,12 @@ SETTINGS: tuple[Setting, ...] = (
         "kernel send buffer per connection (SO_SNDBUF), bytes; 0 lets the kernel size it",
     ),
     Setting("max_rooms_per_connection", _int_at_least(1), "128", "rooms one connection may join"),
+    Setting(
+        "max_rooms",
+        _int_at_least(1),
+        "100000",
+        "rooms in this process; a join that would open one more gets room_limit",
+    ),
     Setting("outbox_max_messages", _int_at_least(1), "1024", "frames queued per connection"),
     Setting("outbox_max_bytes", _int_at_least(1024), "1048576", "bytes queued per connection"),
     Setting(
@@ -348,6 +354,7 @@ class Config:
     publish_requires_join: bool = True
     socket_sndbuf_bytes: int = 0
     max_rooms_per_connection: int = 128
+    max_rooms: int = 100000
     outbox_max_messages: int = 1024
     outbox_max_bytes: int = 1048576
     slow_consumer_policy: str = "disconnect"

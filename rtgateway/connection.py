@@ -31,8 +31,10 @@ from .rooms import BrokerUnavailable
 
 if TYPE_CHECKING:
     from .app import Gateway
+    from .config import Config
+    from .metrics import Metrics
 
-__all__ = ["GatewayConnection", "Session", "echo", "serve_connection"]
+__all__ = ["GatewayConnection", "RateLimit", "Session", "echo", "serve_connection"]
 
 # Close codes (RFC 6455 §7.4.1, and the private range 4000-4999 for ours).
 POLICY_VIOLATION = 1008
@@ -235,33 +237,100 @@ def _peer(conn: GatewayConnection) -> str:
     return f"{host}:{port}"
 
 
+class RateLimit:
+    """A connection's inbound limits: messages and bytes per second, and abuse.
+
+    :meth:`check` takes one message's tokens; a refused message counts
+    towards ``RTG_RATE_LIMIT_MAX_REJECTED`` within :data:`RATE_LIMIT_WINDOW_S`,
+    past which :attr:`exceeded` says to close the connection 1008.
+    """
+
+    __slots__ = ("byte_bucket", "max_rejected", "metrics", "msg_bucket", "rejected", "since")
+
+    def __init__(self, config: Config, metrics: Metrics, now: float) -> None:
+        self.metrics = metrics
+        self.msg_bucket = TokenBucket(config.rate_limit_msgs_per_s, config.rate_limit_burst, now)
+        self.byte_bucket = (
+            TokenBucket(
+                config.rate_limit_bytes_per_s,
+                max(config.rate_limit_bytes_per_s, config.max_message_bytes),
+                now,
+            )
+            if config.rate_limit_bytes_per_s
+            else None
+        )
+        self.max_rejected = config.rate_limit_max_rejected
+        self.rejected = 0
+        self.since = now
+
+    def check(self, now: float, size: int) -> float:
+        """Seconds until this message would be allowed; 0.0 when it is."""
+        wait = self.msg_bucket.take(now)
+        if not wait and self.byte_bucket is not None:
+            wait = self.byte_bucket.take(now, size)
+        if not wait:
+            return 0.0
+        if now - self.since > RATE_LIMIT_WINDOW_S:
+            self.rejected = 0
+            self.since = now
+        self.rejected += 1
+        self.metrics.rate_limited += 1
+        return wait
+
+    @property
+    def exceeded(self) -> bool:
+        return self.rejected > self.max_rejected
+
+
+def rate_limited_error(wait: float, id: protocol.MessageId = None) -> str:
+    return protocol.error(
+        "rate_limited",
+        "too many messages; slow down",
+        id,
+        retry_after_ms=max(1, round(wait * 1000)),
+    )
+
+
 async def echo(conn: GatewayConnection, outbox: Outbox) -> None:
-    """``/ws/echo``: every message back as it came, text or binary."""
-    metrics = conn.gateway.metrics
+    """``/ws/echo``: every message back as it came, text or binary.
+
+    The connection's rate limits apply as on ``/ws``: a message over them is
+    answered with a ``rate_limited`` error (a text frame) instead of its echo,
+    and too many of those close the connection 1008.
+    """
+    gateway = conn.gateway
+    metrics = gateway.metrics
+    limit = RateLimit(gateway.config, metrics, conn.loop.time())
     async for message in conn:
+        payload = message.encode() if isinstance(message, str) else message
+        metrics.received(len(payload))
+        if outbox.closed:
+            continue  # closing: nothing more is echoed
+        wait = limit.check(conn.loop.time(), len(payload))
+        if wait:
+            if limit.exceeded:
+                outbox.close(POLICY_VIOLATION, "rate limit exceeded", "rate_limited")
+            else:
+                metrics.protocol_error("rate_limited")
+                outbox.push(protocol.text_frame(rate_limited_error(wait).encode()), "reply")
+            continue
         if isinstance(message, str):
-            payload = message.encode()
-            metrics.received(len(payload))
             outbox.push(protocol.text_frame(payload), "reply")
         else:
-            metrics.received(len(message))
-            outbox.push(protocol.binary_frame(message), "reply")
+            outbox.push(protocol.binary_frame(payload), "reply")
 
 
 class Session:
     """The room protocol on ``/ws`` for one connection."""
 
     __slots__ = (
-        "byte_bucket",
         "config",
         "conn",
         "conn_id",
         "gateway",
         "hub",
-        "msg_bucket",
+        "limit",
         "outbox",
-        "rejected",
-        "rejected_since",
         "rooms",
     )
 
@@ -275,20 +344,7 @@ class Session:
         self.outbox = outbox
         self.conn_id = conn_id
         self.rooms: dict[str, str] = {}  # room -> this connection's policy there
-        now = conn.loop.time()
-        config = self.config
-        self.msg_bucket = TokenBucket(config.rate_limit_msgs_per_s, config.rate_limit_burst, now)
-        self.byte_bucket = (
-            TokenBucket(
-                config.rate_limit_bytes_per_s,
-                max(config.rate_limit_bytes_per_s, config.max_message_bytes),
-                now,
-            )
-            if config.rate_limit_bytes_per_s
-            else None
-        )
-        self.rejected = 0
-        self.rejected_since = now
+        self.limit = RateLimit(self.config, gateway.metrics, conn.loop.time())
 
     def reply(self, text: str) -> None:
         self.outbox.push(protocol.text_frame(text.encode()), "reply")
@@ -312,39 +368,19 @@ class Session:
                 self.hub.leave(room, self.outbox)
             self.rooms.clear()
 
-    def _rate_limited(self, size: int) -> float:
-        """Seconds until this message would be allowed; 0.0 when it is."""
-        now = self.conn.loop.time()
-        wait = self.msg_bucket.take(now)
-        if not wait and self.byte_bucket is not None:
-            wait = self.byte_bucket.take(now, size)
-        if not wait:
-            return 0.0
-        if now - self.rejected_since > RATE_LIMIT_WINDOW_S:
-            self.rejected = 0
-            self.rejected_since = now
-        self.rejected += 1
-        self.gateway.metrics.rate_limited += 1
-        return wait
-
     async def handle(self, message: str | bytes) -> None:
         started = time.perf_counter()
         size = len(message) if isinstance(message, bytes) else len(message.encode())
         self.gateway.metrics.received(size)
         if self.outbox.closed:
             return  # closing: what the client still sends is not acted on
-        wait = self._rate_limited(size)
+        wait = self.limit.check(self.conn.loop.time(), size)
         if wait:
-            if self.rejected > self.config.rate_limit_max_rejected:
+            if self.limit.exceeded:
                 self.outbox.close(POLICY_VIOLATION, "rate limit exceeded", "rate_limited")
                 return
-            id = _peek_id(message)
-            self.error(
-                "rate_limited",
-                "too many messages; slow down",
-                id,
-                retry_after_ms=max(1, round(wait * 1000)),
-            )
+            self.gateway.metrics.protocol_error("rate_limited")
+            self.reply(rate_limited_error(wait, _peek_id(message)))
             return
         if isinstance(message, bytes):
             self.error("bad_message", "binary frames are not supported; send JSON text")
@@ -395,6 +431,11 @@ class Session:
                 "too_many_rooms",
                 f"at most {self.config.max_rooms_per_connection} rooms per connection",
                 msg.id,
+            )
+            return
+        if msg.room not in self.hub.rooms and len(self.hub.rooms) >= self.config.max_rooms:
+            self.error(
+                "room_limit", "the gateway holds as many rooms as it may; retry later", msg.id
             )
             return
         self.rooms[msg.room] = policy

@@ -396,6 +396,8 @@ BIG = 65536  # RTG_MAX_MESSAGE_BYTES in TEST_CONFIG
         (b"{not json", 400, "bad_json"),
         (b'{"room": "r", "data": NaN}', 400, "bad_json"),
         (b'{"room": "r", "data": Infinity}', 400, "bad_json"),
+        (b'{"room": "r", "data": 1e999}', 400, "bad_json"),
+        (b'{"room": "r", "data": [-1e999]}', 400, "bad_json"),
         (b'{"room": "r", "data": "\xff"}', 400, "bad_json"),  # not UTF-8
         (b"[" * 100_000 + b"]" * 100_000, 413, "message_too_large"),
         (b"[" * 30_000 + b"]" * 30_000, 400, "bad_json"),  # nested too deeply
