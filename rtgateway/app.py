@@ -1,7 +1,8 @@
 """Wiring and lifecycle: start, serve until a shutdown trigger fires, drain, stop.
 
 :meth:`Gateway.serve` runs until the awaitable it is given returns (the CLI
-passes an event set by SIGTERM/SIGINT; tests pass their own), then drains:
+passes an event set by SIGTERM, SIGINT or SIGHUP; tests pass their own), then
+drains:
 
 1. stop admitting: ``/healthz`` answers 503, handshakes get 503, systemd is
    told ``STOPPING=1``;
