@@ -406,6 +406,8 @@ class ApiServer:
         publications = [self._publication(item, index) for index, item in enumerate(body)]
         results: list[dict[str, Any]] = []
         for room, data in publications:
+            # A burst is spread over loop iterations once it weighs (outbox.py).
+            await self.gateway.flusher.relieve()
             try:
                 seq = await self.gateway.hub.publish(room, data, started=started)
             except BrokerUnavailable:

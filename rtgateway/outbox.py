@@ -8,6 +8,22 @@ one system call per connection instead of one per frame. While the transport
 is above its high-water mark (the connection is *paused*) frames wait, and
 they are flushed when it drains.
 
+Only a member that stops reading may fill its outbox, never one iteration's
+fan-out: one API batch, or 16 queued client messages, can push more than a
+whole outbox in one iteration, before any socket was written. Two things keep
+that from happening:
+
+- *write-through*: once an outbox holds :data:`WRITE_THROUGH_BYTES` and its
+  transport is not paused, :meth:`Outbox.push` writes at once; the kernel
+  takes what the peer has room for;
+- *one heavy publication per iteration*: such a push marks the flusher
+  ``heavy``, and a publisher awaits :meth:`Flusher.relieve` before its next
+  publication, which lets the event loop run once (sockets are read and
+  written) when, and only when, the last one was heavy.
+
+Small bursts never reach the threshold and still leave in one write per
+connection per iteration.
+
 The queue is bounded by frames and by bytes. When it is full, the policy of
 the frame being pushed decides (Centrifugo and Phoenix hard-code one of these;
 here each room membership carries its own):
@@ -33,9 +49,13 @@ import structlog
 
 from .metrics import Metrics
 
-__all__ = ["SLOW_CONSUMER", "Flusher", "Outbox", "Writable"]
+__all__ = ["SLOW_CONSUMER", "WRITE_THROUGH_BYTES", "Flusher", "Outbox", "Writable"]
 
 SLOW_CONSUMER = 4008
+# Queued bytes past which an outbox writes at once: the transport's high-water
+# mark (the gateway's write limit), so that a connection that is not paused
+# never holds more than a write's worth in its outbox.
+WRITE_THROUGH_BYTES = 64 * 1024
 _log = structlog.get_logger("rtgateway.outbox")
 
 
@@ -51,14 +71,30 @@ class Writable(Protocol):
 
 
 class Flusher:
-    """Runs :meth:`Outbox.flush` once per loop iteration for outboxes with new frames."""
+    """Runs :meth:`Outbox.flush` once per loop iteration for outboxes with new frames.
 
-    __slots__ = ("dirty", "loop", "scheduled")
+    ``heavy`` is set when a push filled an outbox past
+    :data:`WRITE_THROUGH_BYTES`; :meth:`relieve` clears it.
+    """
+
+    __slots__ = ("dirty", "heavy", "loop", "scheduled")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.dirty: list[Outbox] = []
         self.scheduled = False
+        self.heavy = False
+
+    async def relieve(self) -> None:
+        """Yield to the event loop once if the last publication filled an outbox.
+
+        Publishers call this between publications: a burst of heavy ones is
+        spread over loop iterations, in which members read and their
+        transports drain, instead of queued in one.
+        """
+        if self.heavy:
+            self.heavy = False
+            await asyncio.sleep(0)
 
     def add(self, outbox: Outbox) -> None:
         self.dirty.append(outbox)
@@ -71,12 +107,7 @@ class Flusher:
         dirty, self.dirty = self.dirty, []
         for outbox in dirty:
             outbox.scheduled = False
-            try:
-                outbox.flush()
-            except Exception:
-                # One broken connection must not stop delivery to the others.
-                _log.exception("outbox_flush_failed")
-                outbox.conn.transport.abort()
+            outbox.flush_guarded()
 
 
 class Outbox:
@@ -132,6 +163,13 @@ class Outbox:
         self.policies.append(policy)
         self.nbytes += size
         self.metrics.outbox_queued_bytes += size
+        if self.nbytes >= WRITE_THROUGH_BYTES:
+            self.flusher.heavy = True
+            if not self.conn.paused:
+                # The peer's socket may take it now: a member that reads is
+                # not made to hold a whole burst.
+                self.flush_guarded()
+                return
         if not self.scheduled:
             self.scheduled = True
             self.flusher.add(self)
@@ -172,6 +210,14 @@ class Outbox:
         self.frames.clear()
         self.policies.clear()
         self.nbytes = 0
+
+    def flush_guarded(self) -> None:
+        """:meth:`flush`, inside a fan-out: one broken connection must not stop the others."""
+        try:
+            self.flush()
+        except Exception:
+            _log.exception("outbox_flush_failed")
+            self.conn.transport.abort()
 
     def flush(self) -> None:
         """Write every waiting frame in one write, unless the transport is paused."""
