@@ -31,6 +31,7 @@ from websockets.asyncio.server import Server, serve
 from websockets.version import version as websockets_version
 
 from . import __version__
+from .admission import Admission
 from .api import ApiServer
 from .config import Config
 from .connection import SERVICE_RESTART, GatewayConnection, serve_connection
@@ -97,6 +98,12 @@ class Gateway:
         self.outboxes: set[Outbox] = set()  # one per open WebSocket
         self.sessions_done = asyncio.Event()  # set whenever outboxes becomes empty
         self.connections: set[GatewayConnection] = set()  # every accepted socket
+        self.admission: Admission[GatewayConnection] = Admission(
+            max_pending=config.max_pending_handshakes,  # 0: derived in _limits()
+            max_pending_per_address=config.max_pending_handshakes_per_address,
+            max_connections_per_address=config.max_connections_per_address,
+        )
+        self.metrics.pending_hook = lambda: self.admission.pending
         self.draining = False
         self.ready = asyncio.Event()
         self.addresses: list[str] = []
@@ -143,7 +150,13 @@ class Gateway:
                 "max_connections_clamped", wanted=wanted, max_connections=derived, nofile=soft
             )
         self.max_connections = min(wanted, derived)
-        self.max_sockets = self.max_connections + reserve // 2
+        # Accepted sockets, of any kind, before a new one is closed at once
+        # (fd_limit): the descriptors less half the reserve, whatever
+        # RTG_MAX_CONNECTIONS says, so that sockets that never finish a
+        # handshake are bounded by their own budget, not by this one.
+        self.max_sockets = derived + reserve // 2
+        # Pending handshakes fit in what a full gateway leaves of that.
+        self.admission.max_pending = self.config.max_pending_handshakes or max(16, reserve // 2)
         self.metrics.max_connections = self.max_connections
         self.log.info(
             "limits",
@@ -151,6 +164,7 @@ class Gateway:
             nofile_hard=hard,
             max_connections=self.max_connections,
             max_sockets=self.max_sockets,
+            max_pending_handshakes=self.admission.max_pending,
         )
 
     async def start(self) -> None:

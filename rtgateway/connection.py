@@ -25,16 +25,16 @@ from websockets.exceptions import ConnectionClosed, InvalidMessage
 from websockets.protocol import OPEN
 
 from . import protocol
+from .admission import address_key
 from .outbox import Outbox
-from .ratelimit import TokenBucket
+from .ratelimit import RateLimit
 from .rooms import BrokerUnavailable
 
 if TYPE_CHECKING:
     from .app import Gateway
     from .config import Config
-    from .metrics import Metrics
 
-__all__ = ["GatewayConnection", "RateLimit", "Session", "echo", "serve_connection"]
+__all__ = ["GatewayConnection", "Session", "echo", "serve_connection"]
 
 # Close codes (RFC 6455 §7.4.1, and the private range 4000-4999 for ours).
 POLICY_VIOLATION = 1008
@@ -58,6 +58,15 @@ class GatewayConnection(ServerConnection):
         self.abort_handle: asyncio.TimerHandle | None = None
         # The last bytes of the request head read so far; None once it is whole.
         self.head_tail: bytes | None = b""
+        # Admission (admission.py): the source address its limits count
+        # against, whether it has sent a byte, whether its head is still
+        # pending, whether it counts as a WebSocket of its address.
+        self.address = ""
+        self.spoke = False
+        self.pending = False
+        self.counted = False
+        self.first_byte_handle: asyncio.TimerHandle | None = None
+        self.rejected: str | None = None  # why the gateway dropped it before a handshake
 
     # Accounting: every accepted socket, handshake done or not.
 
@@ -66,12 +75,24 @@ class GatewayConnection(ServerConnection):
         gateway = self.gateway
         self.made_at = self.loop.time()
         gateway.connections.add(self)
+        peer = self.transport.get_extra_info("peername")
+        self.address = address_key(peer[0]) if peer else "?"
+        admission = gateway.admission
         if len(gateway.connections) > gateway.max_sockets:
-            # Past the connection limit plus the sockets kept for answering
-            # 503: close now rather than run into EMFILE.
-            gateway.metrics.handshake_rejected("fd_limit")
-            self.transport.abort()
-            return
+            # Past the descriptors kept for sockets: make room by dropping a
+            # socket that has not finished its handshake, or close this one
+            # now rather than run into EMFILE.
+            if not admission.pending:
+                self.reject("fd_limit")
+                return
+            admission.oldest().reject("pending_evicted")
+        self.pending = True
+        victim = admission.admit(self)
+        if victim is not None:
+            victim[0].reject(victim[1])
+        self.first_byte_handle = self.loop.call_later(
+            gateway.config.first_byte_timeout_s, self.reject, "first_byte_timeout"
+        )
         sndbuf = gateway.config.socket_sndbuf_bytes
         if sndbuf:
             # Bounds the kernel's share of a slow consumer's backlog (Linux
@@ -80,24 +101,57 @@ class GatewayConnection(ServerConnection):
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
 
+    def reject(self, reason: str) -> None:
+        """Drop this socket before its handshake is done, counted under ``reason``."""
+        if self.rejected is not None or self.request is not None:
+            return
+        self.rejected = reason
+        self.gateway.metrics.handshake_rejected(reason)
+        self._admitted()
+        self.gateway.connections.discard(self)
+        self.transport.abort()
+
+    def _admitted(self) -> None:
+        """No longer pending: the request head is read, or the socket is gone."""
+        if self.first_byte_handle is not None:
+            self.first_byte_handle.cancel()
+            self.first_byte_handle = None
+        if self.pending:
+            self.pending = False
+            self.gateway.admission.done(self)
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         gateway = self.gateway
         gateway.connections.discard(self)
+        self._admitted()
+        if self.counted:
+            self.counted = False
+            gateway.admission.closed(self.address)
         if self.abort_handle is not None:
             self.abort_handle.cancel()
             self.abort_handle = None
-        if self.request is None and len(gateway.connections) < gateway.max_sockets:
+        if self.request is None and self.rejected is None:
             if self.loop.time() - self.made_at >= gateway.config.open_timeout_s * 0.95:
                 gateway.metrics.handshake_rejected("timeout")
             elif self.protocol.handshake_exc is not None:
                 gateway.metrics.handshake_rejected("bad_request")
 
     def data_received(self, data: bytes) -> None:
-        if self.head_tail is not None and self._bare_lf(data):
-            self._refuse(400, "lines must end with CRLF\n")
-            return
+        if self.head_tail is not None:  # the request head is still coming
+            if not self.spoke:
+                self.spoke = True
+                if self.first_byte_handle is not None:
+                    self.first_byte_handle.cancel()
+                    self.first_byte_handle = None
+                if self.pending:
+                    self.gateway.admission.spoke(self)
+            if self._bare_lf(data):
+                self._refuse(400, "lines must end with CRLF\n")
+                return
         super().data_received(data)
+        if self.pending and self.request is not None:
+            self._admitted()
         # websockets sets close_deadline when it fails the connection or
         # answers a close frame here, but only a pending send enforces it: a
         # peer that never closes TCP would hold the socket until a keepalive
@@ -237,49 +291,16 @@ def _peer(conn: GatewayConnection) -> str:
     return f"{host}:{port}"
 
 
-class RateLimit:
-    """A connection's inbound limits: messages and bytes per second, and abuse.
-
-    :meth:`check` takes one message's tokens; a refused message counts
-    towards ``RTG_RATE_LIMIT_MAX_REJECTED`` within :data:`RATE_LIMIT_WINDOW_S`,
-    past which :attr:`exceeded` says to close the connection 1008.
-    """
-
-    __slots__ = ("byte_bucket", "max_rejected", "metrics", "msg_bucket", "rejected", "since")
-
-    def __init__(self, config: Config, metrics: Metrics, now: float) -> None:
-        self.metrics = metrics
-        self.msg_bucket = TokenBucket(config.rate_limit_msgs_per_s, config.rate_limit_burst, now)
-        self.byte_bucket = (
-            TokenBucket(
-                config.rate_limit_bytes_per_s,
-                max(config.rate_limit_bytes_per_s, config.max_message_bytes),
-                now,
-            )
-            if config.rate_limit_bytes_per_s
-            else None
-        )
-        self.max_rejected = config.rate_limit_max_rejected
-        self.rejected = 0
-        self.since = now
-
-    def check(self, now: float, size: int) -> float:
-        """Seconds until this message would be allowed; 0.0 when it is."""
-        wait = self.msg_bucket.take(now)
-        if not wait and self.byte_bucket is not None:
-            wait = self.byte_bucket.take(now, size)
-        if not wait:
-            return 0.0
-        if now - self.since > RATE_LIMIT_WINDOW_S:
-            self.rejected = 0
-            self.since = now
-        self.rejected += 1
-        self.metrics.rate_limited += 1
-        return wait
-
-    @property
-    def exceeded(self) -> bool:
-        return self.rejected > self.max_rejected
+def _rate_limit(config: Config, now: float) -> RateLimit:
+    return RateLimit(
+        config.rate_limit_msgs_per_s,
+        config.rate_limit_burst,
+        config.rate_limit_bytes_per_s,
+        max_message_bytes=config.max_message_bytes,
+        max_rejected=config.rate_limit_max_rejected,
+        window_s=RATE_LIMIT_WINDOW_S,
+        now=now,
+    )
 
 
 def rate_limited_error(wait: float, id: protocol.MessageId = None) -> str:
@@ -300,7 +321,7 @@ async def echo(conn: GatewayConnection, outbox: Outbox) -> None:
     """
     gateway = conn.gateway
     metrics = gateway.metrics
-    limit = RateLimit(gateway.config, metrics, conn.loop.time())
+    limit = _rate_limit(gateway.config, conn.loop.time())
     async for message in conn:
         payload = message.encode() if isinstance(message, str) else message
         metrics.received(len(payload))
@@ -308,6 +329,7 @@ async def echo(conn: GatewayConnection, outbox: Outbox) -> None:
             continue  # closing: nothing more is echoed
         wait = limit.check(conn.loop.time(), len(payload))
         if wait:
+            metrics.rate_limited += 1
             if limit.exceeded:
                 outbox.close(POLICY_VIOLATION, "rate limit exceeded", "rate_limited")
             else:
@@ -345,7 +367,7 @@ class Session:
         self.outbox = outbox
         self.conn_id = conn_id
         self.rooms: dict[str, str] = {}  # room -> this connection's policy there
-        self.limit = RateLimit(self.config, gateway.metrics, conn.loop.time())
+        self.limit = _rate_limit(self.config, conn.loop.time())
 
     def reply(self, text: str) -> None:
         self.outbox.push(protocol.text_frame(text.encode()), "reply")
@@ -380,6 +402,7 @@ class Session:
             return  # closing: what the client still sends is not acted on
         wait = self.limit.check(self.conn.loop.time(), size)
         if wait:
+            self.gateway.metrics.rate_limited += 1
             if self.limit.exceeded:
                 self.outbox.close(POLICY_VIOLATION, "rate limit exceeded", "rate_limited")
                 return

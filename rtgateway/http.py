@@ -105,6 +105,14 @@ def process_request(
     if metrics.connections_current >= gateway.max_connections:
         metrics.handshake_rejected("connection_limit")
         return _text(503, "too many connections\n", Retry_After=_retry_after())
+    admission = gateway.admission
+    if admission.at_connection_limit(connection.address):
+        metrics.handshake_rejected("address_limit")
+        return _text(503, "too many connections from this address\n", Retry_After=_retry_after())
+    # Counted from here until the socket closes (connection_lost), so that
+    # handshakes in flight count too.
+    connection.counted = True
+    admission.opened(connection.address)
     return None
 
 

@@ -54,6 +54,10 @@ HANDSHAKE_REJECTIONS = (
     "bad_request",
     "timeout",
     "fd_limit",
+    "first_byte_timeout",
+    "pending_evicted",
+    "address_pending_limit",
+    "address_limit",
 )
 DROP_POLICIES = ("drop_oldest", "drop_newest")
 
@@ -131,6 +135,8 @@ class Metrics:
         self.broker_connected: bool | None = None
         self.broker_reconnects = 0
         self.broker_errors = 0
+        # Sockets accepted that have not finished a handshake (admission.py).
+        self.pending_hook: Callable[[], int] = lambda: 0
         # Set on a worker of a multi-process gateway: renders the whole host
         # (this worker and its siblings) instead of this process alone.
         self.render_hook: Callable[[], bytes] | None = None
@@ -215,6 +221,11 @@ class Metrics:
             self.max_connections,
         )
         yield counter("connections", "WebSocket connections opened.", self.connections_total)
+        yield gauge(
+            "pending_handshakes_current",
+            "Sockets accepted that have not finished a handshake yet.",
+            self.pending_hook(),
+        )
         yield labelled(
             "disconnects", "WebSocket connections closed, by reason.", "reason", self.disconnects
         )
