@@ -19,7 +19,10 @@ that from happening:
 - *one heavy publication per iteration*: such a push marks the flusher
   ``heavy``, and a publisher awaits :meth:`Flusher.relieve` before its next
   publication, which lets the event loop run once (sockets are read and
-  written) when, and only when, the last one was heavy.
+  written) when, and only when, the last one was heavy. A paused outbox past
+  the threshold marks it once, then again only after its transport drained:
+  a member that stopped reading must not make every publication to its room
+  yield.
 
 Small bursts never reach the threshold and still leave in one write per
 connection per iteration.
@@ -115,6 +118,7 @@ class Outbox:
         "close_reason",
         "closed",
         "conn",
+        "drained",
         "flusher",
         "frames",
         "max_bytes",
@@ -145,6 +149,7 @@ class Outbox:
         self.nbytes = 0
         self.scheduled = False
         self.closed = False
+        self.drained = True  # written to the transport since it last made a publisher yield
         # (code, reason) of a close frame to send once the queue is written.
         self.pending_close: tuple[int, str] | None = None
         # Why the gateway closed this connection, for the disconnect counter.
@@ -164,12 +169,19 @@ class Outbox:
         self.nbytes += size
         self.metrics.outbox_queued_bytes += size
         if self.nbytes >= WRITE_THROUGH_BYTES:
-            self.flusher.heavy = True
             if not self.conn.paused:
                 # The peer's socket may take it now: a member that reads is
                 # not made to hold a whole burst.
+                self.flusher.heavy = True
                 self.flush_guarded()
                 return
+            if self.drained:
+                # Paused: the publisher yields once, and again only after this
+                # transport drained, so that a member that stopped reading
+                # does not cost its room a loop iteration per publication
+                # (and the coalescing of everyone else's writes).
+                self.drained = False
+                self.flusher.heavy = True
         if not self.scheduled:
             self.scheduled = True
             self.flusher.add(self)
@@ -230,6 +242,7 @@ class Outbox:
                 count = len(frames)
                 data = frames[0] if count == 1 else b"".join(frames)
                 conn.transport.write(data)
+                self.drained = True
                 self.metrics.sent(count, len(data))
                 self.metrics.flush_frames.observe(count)
             self._clear()

@@ -348,3 +348,49 @@ async def test_two_clients_bursting_65k_messages_reach_every_member_that_reads()
         assert gw.metrics.rate_limited == 0
         for m in [*members, *publishers]:
             await m.close()
+
+
+async def test_a_member_that_stopped_reading_does_not_cost_its_room_the_coalescing() -> None:
+    # A publisher yields to the loop after a publication that filled an
+    # outbox past the write-through threshold; a stuck member's outbox stays
+    # there, and must not make every publication yield (one write per member
+    # per publication instead of one per burst).
+    config = TEST_CONFIG.replace(
+        publish_requires_join=False,
+        socket_sndbuf_bytes=4096,
+        rate_limit_msgs_per_s=1e6,
+        rate_limit_burst=10**6,
+        rate_limit_bytes_per_s=0,
+    )
+    async with running_gateway(config) as gw:
+        healthy = [await joined_raw(gw.port, "room") for _ in range(20)]
+        stuck = await joined_raw(gw.port, "room", policy="drop_oldest", rcvbuf=4096)
+        publisher = await RawConnection.open(gw.port)
+
+        async def burst(count: int, size: int) -> None:
+            frames = b"".join(
+                encode_frame(
+                    OP_TEXT,
+                    json.dumps({"op": "publish", "room": "room", "data": "z" * size}).encode(),
+                )
+                for _ in range(count)
+            )
+            readers = [asyncio.create_task(read_messages(m, count)) for m in healthy]
+            await publisher.send(frames)
+            for seqs, close_code in await asyncio.gather(*readers):
+                assert close_code is None and len(seqs) == count
+
+        # Fill the stuck member: its kernel buffers, its transport, then its outbox.
+        await burst(200, 1000)
+        assert gw.metrics.outbox_queued_bytes > 64 * 1024
+        writes_before = gw.metrics.flush_frames.count
+        await burst(10, 10)
+        writes = gw.metrics.flush_frames.count - writes_before
+        # One write per healthy member for the whole burst (a few more if the
+        # burst arrived in pieces); one per publication would be 200.
+        assert writes < 3 * len(healthy), writes
+        assert gw.metrics.disconnects["slow_consumer"] == 0
+        stuck.abort()
+        publisher.abort()
+        for m in healthy:
+            await m.close()
