@@ -104,6 +104,9 @@ def fast_gateway() -> GatewayProcess:
         "RTG_SOCKET_SNDBUF_BYTES": "65536",
         # Long enough for the slow consumer to come back and read its close frame.
         "RTG_CLOSE_TIMEOUT_S": "300",
+        # The members are raw clients, which answer no ping: with keepalive on,
+        # a run slowed past 40 s (a loaded machine) cut them off with 1011.
+        "RTG_PING_INTERVAL_S": "0",
     }
     with GatewayProcess(env) as gw:
         yield gw
