@@ -110,7 +110,12 @@ class Flusher:
         dirty, self.dirty = self.dirty, []
         for outbox in dirty:
             outbox.scheduled = False
-            outbox.flush_guarded()
+            try:
+                outbox.flush()
+            except Exception:
+                # One broken connection must not stop delivery to the others.
+                _log.exception("outbox_flush_failed")
+                outbox.conn.transport.abort()
 
 
 class Outbox:
@@ -166,25 +171,30 @@ class Outbox:
             return
         self.frames.append(frame)
         self.policies.append(policy)
-        self.nbytes += size
+        nbytes = self.nbytes = self.nbytes + size
         self.metrics.outbox_queued_bytes += size
-        if self.nbytes >= WRITE_THROUGH_BYTES:
-            if not self.conn.paused:
-                # The peer's socket may take it now: a member that reads is
-                # not made to hold a whole burst.
-                self.flusher.heavy = True
-                self.flush_guarded()
-                return
-            if self.drained:
-                # Paused: the publisher yields once, and again only after this
-                # transport drained, so that a member that stopped reading
-                # does not cost its room a loop iteration per publication
-                # (and the coalescing of everyone else's writes).
-                self.drained = False
-                self.flusher.heavy = True
+        if nbytes >= WRITE_THROUGH_BYTES and self._write_through():
+            return
         if not self.scheduled:
             self.scheduled = True
             self.flusher.add(self)
+
+    def _write_through(self) -> bool:
+        """Past the threshold: write now if the transport takes it; whether it was written."""
+        if not self.conn.paused:
+            # The peer's socket may take it now: a member that reads is not
+            # made to hold a whole burst.
+            self.flusher.heavy = True
+            self.flush_guarded()
+            return True
+        if self.drained:
+            # Paused: the publisher yields once, and again only after this
+            # transport drained, so that a member that stopped reading does
+            # not cost its room a loop iteration per publication (and the
+            # coalescing of everyone else's writes).
+            self.drained = False
+            self.flusher.heavy = True
+        return False
 
     def _make_room(self, size: int, policy: str) -> bool:
         if policy == "drop_newest" or (policy == "drop_oldest" and size > self.max_bytes):
