@@ -340,7 +340,8 @@ async def echo(conn: GatewayConnection, outbox: Outbox) -> None:
             outbox.push(protocol.text_frame(payload), "reply")
         else:
             outbox.push(protocol.binary_frame(payload), "reply")
-        await gateway.flusher.relieve()
+        if gateway.flusher.heavy:
+            await gateway.flusher.relieve()
 
 
 class Session:
@@ -384,11 +385,13 @@ class Session:
             )
         )
         try:
+            flusher = gateway.flusher
             async for message in self.conn:
                 await self.handle(message)
                 # websockets hands over queued messages without yielding: a
                 # burst of heavy publications is spread over iterations.
-                await gateway.flusher.relieve()
+                if flusher.heavy:
+                    await flusher.relieve()
         finally:
             for room in self.rooms:
                 self.hub.leave(room, self.outbox)
