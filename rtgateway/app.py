@@ -53,6 +53,7 @@ STATUS_INTERVAL_S = 2.0
 DRAIN_TICK_S = 0.05
 WRITE_LIMIT_BYTES = 64 * 1024
 BROKER_START_WAIT_S = 2.0
+MAX_DERIVED_PENDING = 4096
 
 
 def raise_nofile_limit() -> tuple[int, int]:
@@ -155,8 +156,13 @@ class Gateway:
         # RTG_MAX_CONNECTIONS says, so that sockets that never finish a
         # handshake are bounded by their own budget, not by this one.
         self.max_sockets = derived + reserve // 2
-        # Pending handshakes fit in what a full gateway leaves of that.
-        self.admission.max_pending = self.config.max_pending_handshakes or max(16, reserve // 2)
+        # Pending handshakes: enough for a reconnect storm into an empty
+        # gateway (they finish in a round trip), few enough to bound their
+        # memory (~15 KiB each). On a full gateway the descriptor cap above
+        # evicts them sooner.
+        self.admission.max_pending = self.config.max_pending_handshakes or max(
+            16, reserve // 2, min(MAX_DERIVED_PENDING, self.max_connections // 4)
+        )
         self.metrics.max_connections = self.max_connections
         self.log.info(
             "limits",
