@@ -156,12 +156,12 @@ class Gateway:
         # RTG_MAX_CONNECTIONS says, so that sockets that never finish a
         # handshake are bounded by their own budget, not by this one.
         self.max_sockets = derived + reserve // 2
-        # Pending handshakes: enough for a reconnect storm into an empty
-        # gateway (they finish in a round trip), few enough to bound their
-        # memory (~15 KiB each). On a full gateway the descriptor cap above
-        # evicts them sooner.
+        # Pending handshakes: as many as the connections it may hold (a
+        # reconnect storm into an empty gateway; each finishes in a round
+        # trip), at most MAX_DERIVED_PENDING (~15 KiB each, so ~60 MiB). On a
+        # full gateway the descriptor cap above evicts them sooner.
         self.admission.max_pending = self.config.max_pending_handshakes or max(
-            16, reserve // 2, min(MAX_DERIVED_PENDING, self.max_connections // 4)
+            16, reserve // 2, min(MAX_DERIVED_PENDING, self.max_connections)
         )
         self.metrics.max_connections = self.max_connections
         self.log.info(

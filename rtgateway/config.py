@@ -229,7 +229,7 @@ SETTINGS: tuple[Setting, ...] = (
         _int_at_least(0),
         "0",
         "sockets that have not finished a handshake; past it a new one evicts the oldest; "
-        "0 derives it: a quarter of the connection limit, at most 4096",
+        "0 derives it: the connection limit, at most 4096",
         "N",
     ),
     Setting(

@@ -190,6 +190,7 @@ class GatewayConnection(ServerConnection):
 
     def _refuse(self, status: int, text: str) -> None:
         """Answer a request head that websockets would not read, and close."""
+        self.head_tail = None  # whatever else comes is websockets' to discard
         self.protocol.handshake_exc = InvalidMessage(text.strip())
         response = self.protocol.reject(status, text)
         response.headers["Server"] = self.gateway.server_name

@@ -737,7 +737,9 @@ async def test_file_descriptor_exhaustion_is_refused_quietly_and_service_recover
         # Past the connection limit: 503. Past the sockets kept for answering
         # 503, or past the pending-handshake budgets: closed at once (fd_limit,
         # or the oldest pending socket evicted), never EMFILE.
-        assert outcomes.get("503", 0) == metric(samples, REJECTIONS, "connection_limit") > 0
+        # (How many get the 503 and how many are evicted first depends on how
+        # the accepts and the reads interleave.)
+        assert outcomes.get("503", 0) == metric(samples, REJECTIONS, "connection_limit")
         dropped = sum(
             metric(samples, REJECTIONS, reason)
             for reason in ("fd_limit", "pending_evicted", "address_pending_limit")
