@@ -71,6 +71,13 @@ GATEWAY_ENV = {
     "RTG_RATE_LIMIT_MSGS_PER_S": "1000000",
     "RTG_RATE_LIMIT_BURST": "1000000",
     "RTG_RATE_LIMIT_BYTES_PER_S": "0",
+    # Thousands of connections from each load process's one source address,
+    # 200 handshakes at a time each, on a loaded machine: no per-address
+    # limits, room for every handshake in flight, and time for its first byte.
+    "RTG_MAX_CONNECTIONS_PER_ADDRESS": "0",
+    "RTG_MAX_PENDING_HANDSHAKES_PER_ADDRESS": "0",
+    "RTG_MAX_PENDING_HANDSHAKES": "4096",
+    "RTG_FIRST_BYTE_TIMEOUT_S": "30",
 }
 
 

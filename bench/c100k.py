@@ -122,14 +122,7 @@ def defaults(cores: int, connections: int) -> dict[str, Any]:
 
 
 def gateway_env(args: argparse.Namespace, port: int, broker_url: str) -> dict[str, str]:
-    """Every gateway setting this benchmark changes: the one place to change them.
-
-    Issue 17 adds per-source-address limits (connections and pending handshakes
-    per client address) under RTG_* names not settled yet. Here all the load
-    comes from ``--load-procs`` addresses with ~17k connections each, so those
-    limits must be raised here (to ``MAX_PER_PROCESS`` connections and
-    ``--connect-window`` pending handshakes per address) when they land.
-    """
+    """Every gateway setting this benchmark changes: the one place to change them."""
     return {
         "RTG_WORKERS": str(args.workers),
         "RTG_BROKER_URL": broker_url,
@@ -151,6 +144,10 @@ def gateway_env(args: argparse.Namespace, port: int, broker_url: str) -> dict[st
         "RTG_RATE_LIMIT_MSGS_PER_S": "1000000",
         "RTG_RATE_LIMIT_BURST": "1000000",
         "RTG_RATE_LIMIT_BYTES_PER_S": "0",
+        # All the load comes from a few addresses, ~6k connections each: the
+        # limits per client address would refuse it.
+        "RTG_MAX_CONNECTIONS_PER_ADDRESS": "0",
+        "RTG_MAX_PENDING_HANDSHAKES_PER_ADDRESS": "0",
     }
 
 

@@ -3,7 +3,8 @@
     .venv/bin/python bench/c10k.py                       # 100 rooms x 100 members, 90 s
     .venv/bin/python bench/c10k.py --rooms 50 --room-size 40 --duration 30s   # a quick try
 
-Starts ``python -m rtgateway`` (RTG_MAX_CONNECTIONS above the target, everything else at its
+Starts ``python -m rtgateway`` (RTG_MAX_CONNECTIONS above the target, the per-address and
+pending-handshake limits raised, since every VU comes from 127.0.0.1, everything else at its
 default unless ``--gateway-env`` says otherwise), samples its /metrics every second into
 ``results/c10k-metrics.csv`` (bench/c10k_monitor.py), runs ``k6/rooms.js`` with ROOMS x ROOM_SIZE
 VUs (one WebSocket each, one publisher per room at RATE/s), and prints:
@@ -95,6 +96,11 @@ def main() -> int:
     env = {
         "RTG_MAX_CONNECTIONS": str(target + 2000),
         "RTG_OPEN_TIMEOUT_S": "30",
+        # Every VU comes from 127.0.0.1, thousands of them ramping at once.
+        "RTG_MAX_CONNECTIONS_PER_ADDRESS": "0",
+        "RTG_MAX_PENDING_HANDSHAKES_PER_ADDRESS": "0",
+        "RTG_MAX_PENDING_HANDSHAKES": str(target + 2000),
+        "RTG_FIRST_BYTE_TIMEOUT_S": "30",
         **dict(item.split("=", 1) for item in args.gateway_env),
     }
     k6 = smoke.find_k6()

@@ -1,8 +1,10 @@
 """Command line: flags and ``RTG_*`` -> Config -> logging -> run. The only place that exits.
 
-Signals are handled here, at the edge: the first SIGTERM or SIGINT starts the
-drain, a second one exits at once with status 1 (a worker ignores the second:
-its supervisor escalates).
+Signals are handled here, at the edge: the first SIGTERM, SIGINT or SIGHUP
+starts the drain, a second one exits at once with status 1 (a worker ignores
+the second: its supervisor escalates). SIGHUP drains because this appliance
+has nothing to reload (its unit defines no ExecReload), and a hangup, such as
+a closed terminal, must not drop every client without a close frame.
 
 With ``RTG_WORKERS`` > 1 this process becomes the supervisor
 (:mod:`rtgateway.supervisor`), which runs this same command once per worker
@@ -24,9 +26,10 @@ from . import __version__, log
 from .config import SETTINGS, Config, ConfigError, env_name, flag_name, load
 from .worker import ADDR_ENV, WorkerInfo
 
-__all__ = ["main"]
+__all__ = ["SHUTDOWN_SIGNALS", "main"]
 
-SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Each starts the drain (docs/systemd.md, "Signals").
+SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """Wiring and lifecycle: start, serve until a shutdown trigger fires, drain, stop.
 
 :meth:`Gateway.serve` runs until the awaitable it is given returns (the CLI
-passes an event set by SIGTERM/SIGINT; tests pass their own), then drains:
+passes an event set by SIGTERM, SIGINT or SIGHUP; tests pass their own), then
+drains:
 
 1. stop admitting: ``/healthz`` answers 503, handshakes get 503, systemd is
    told ``STOPPING=1``;
@@ -30,6 +31,7 @@ from websockets.asyncio.server import Server, serve
 from websockets.version import version as websockets_version
 
 from . import __version__
+from .admission import Admission
 from .api import ApiServer
 from .config import Config
 from .connection import SERVICE_RESTART, GatewayConnection, serve_connection
@@ -51,6 +53,7 @@ STATUS_INTERVAL_S = 2.0
 DRAIN_TICK_S = 0.05
 WRITE_LIMIT_BYTES = 64 * 1024
 BROKER_START_WAIT_S = 2.0
+MAX_DERIVED_PENDING = 4096
 
 
 def raise_nofile_limit() -> tuple[int, int]:
@@ -103,6 +106,12 @@ class Gateway:
         self.outboxes: set[Outbox] = set()  # one per open WebSocket
         self.sessions_done = asyncio.Event()  # set whenever outboxes becomes empty
         self.connections: set[GatewayConnection] = set()  # every accepted socket
+        self.admission: Admission[GatewayConnection] = Admission(
+            max_pending=config.max_pending_handshakes,  # 0: derived in _limits()
+            max_pending_per_address=config.max_pending_handshakes_per_address,
+            max_connections_per_address=config.max_connections_per_address,
+        )
+        self.metrics.pending_hook = lambda: self.admission.pending
         self.draining = False
         self.ready = asyncio.Event()
         self.addresses: list[str] = []
@@ -149,7 +158,18 @@ class Gateway:
                 "max_connections_clamped", wanted=wanted, max_connections=derived, nofile=soft
             )
         self.max_connections = min(wanted, derived)
-        self.max_sockets = self.max_connections + reserve // 2
+        # Accepted sockets, of any kind, before a new one is closed at once
+        # (fd_limit): the descriptors less half the reserve, whatever
+        # RTG_MAX_CONNECTIONS says, so that sockets that never finish a
+        # handshake are bounded by their own budget, not by this one.
+        self.max_sockets = derived + reserve // 2
+        # Pending handshakes: as many as the connections it may hold (a
+        # reconnect storm into an empty gateway; each finishes in a round
+        # trip), at most MAX_DERIVED_PENDING (~15 KiB each, so ~60 MiB). On a
+        # full gateway the descriptor cap above evicts them sooner.
+        self.admission.max_pending = self.config.max_pending_handshakes or max(
+            16, reserve // 2, min(MAX_DERIVED_PENDING, self.max_connections)
+        )
         self.metrics.max_connections = self.max_connections
         self.log.info(
             "limits",
@@ -157,6 +177,7 @@ class Gateway:
             nofile_hard=hard,
             max_connections=self.max_connections,
             max_sockets=self.max_sockets,
+            max_pending_handshakes=self.admission.max_pending,
         )
 
     async def start(self) -> None:
@@ -172,6 +193,8 @@ class Gateway:
         )
         self._limits()
         self.flusher = Flusher(loop)
+        if self.broker is not None:
+            self.broker.flusher = self.flusher
         host, port = config.host_port
         connection_class = type("BoundGatewayConnection", (GatewayConnection,), {"gateway": self})
         ping_interval = config.ping_interval_s or None

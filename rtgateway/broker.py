@@ -61,7 +61,7 @@ import math
 import random
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio.connection import Connection
@@ -73,6 +73,7 @@ from .rooms import BrokerOutcomeUnknown, BrokerUnavailable
 
 if TYPE_CHECKING:
     from .metrics import Metrics
+    from .outbox import Flusher
     from .rooms import Hub
 
 __all__ = ["PUBLISH_SCRIPT", "RESTORE_SCRIPT", "RedisBroker", "parse_redis_url"]
@@ -365,8 +366,10 @@ class RedisBroker:
         *,
         timeout_s: float = 1.0,
         room_ttl_s: float = 600.0,
+        flusher: Flusher | None = None,
     ) -> None:
         self.hub = hub
+        self.flusher = flusher  # paces deliveries that fill outboxes (outbox.py)
         self.url = url
         self.metrics = metrics
         self.log = log
@@ -411,14 +414,12 @@ class RedisBroker:
     def available(self) -> bool:
         return self.connected
 
-    async def publish(self, room: str, ts_ms: int, data: bytes, started: float) -> int:
+    def submit(self, room: str, ts_ms: int, data: bytes, started: float) -> Awaitable[int]:
         if not self.connected:
             raise BrokerUnavailable("redis is not connected")
         floor = self.hub.seq(room)
-        future = self.publisher.call(
-            PUBLISH, (SEQ_KEY + room, CHANNEL + room), (floor, ts_ms, data, self.room_ttl_s)
-        )
-        return int(await future)
+        args = (floor, ts_ms, data, self.room_ttl_s)
+        return self.publisher.call(PUBLISH, (SEQ_KEY + room, CHANNEL + room), args)
 
     def room_opened(self, room: str) -> bool:
         self.wanted.add(room)
@@ -573,6 +574,10 @@ class RedisBroker:
             kind, channel = reply[0], reply[1]
             if kind == b"message":
                 self._deliver(channel[prefix:].decode("ascii"), reply[2])
+                # Messages already read are handed over without yielding: a
+                # burst of heavy ones is spread over loop iterations.
+                if self.flusher is not None and self.flusher.heavy:
+                    await self.flusher.relieve()
             elif kind == b"subscribe":
                 self._confirmed(channel[prefix:].decode("ascii"), True)
             elif kind == b"unsubscribe" and channel is not None:

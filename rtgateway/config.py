@@ -216,6 +216,35 @@ SETTINGS: tuple[Setting, ...] = (
         "WebSocket connections before handshakes get 503; 0 derives it from the open-files limit",
         "N",
     ),
+    Setting(
+        "max_connections_per_address",
+        _int_at_least(0),
+        "4096",
+        "WebSocket connections from one source address (IPv6: its /64) before its handshakes "
+        "get 503; 0 = no limit",
+        "N",
+    ),
+    Setting(
+        "max_pending_handshakes",
+        _int_at_least(0),
+        "0",
+        "sockets that have not finished a handshake; past it a new one evicts the oldest; "
+        "0 derives it: the connection limit, at most 4096",
+        "N",
+    ),
+    Setting(
+        "max_pending_handshakes_per_address",
+        _int_at_least(0),
+        "64",
+        "the same, from one source address (IPv6: its /64); 0 = no limit",
+        "N",
+    ),
+    Setting(
+        "first_byte_timeout_s",
+        _seconds(0, allow_zero=False),
+        "3",
+        "close a socket that sends nothing for this long after it connects, seconds",
+    ),
     Setting("max_message_bytes", _int_at_least(128), "65536", "largest client message, bytes"),
     Setting("ping_interval_s", _seconds(), "20", "WebSocket ping interval, seconds (0 = off)"),
     Setting("ping_timeout_s", _seconds(), "20", "close a peer that misses a pong for this long, s"),
@@ -266,6 +295,12 @@ SETTINGS: tuple[Setting, ...] = (
         "kernel send buffer per connection (SO_SNDBUF), bytes; 0 lets the kernel size it",
     ),
     Setting("max_rooms_per_connection", _int_at_least(1), "128", "rooms one connection may join"),
+    Setting(
+        "max_rooms",
+        _int_at_least(1),
+        "100000",
+        "rooms in this process; a join that would open one more gets room_limit",
+    ),
     Setting("outbox_max_messages", _int_at_least(1), "1024", "frames queued per connection"),
     Setting("outbox_max_bytes", _int_at_least(1024), "1048576", "bytes queued per connection"),
     Setting(
@@ -347,6 +382,10 @@ class Config:
     log_level: str = "info"
     log_format: str = "auto"
     max_connections: int = 0
+    max_connections_per_address: int = 4096
+    max_pending_handshakes: int = 0
+    max_pending_handshakes_per_address: int = 64
+    first_byte_timeout_s: float = 3.0
     max_message_bytes: int = 65536
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 20.0
@@ -360,6 +399,7 @@ class Config:
     publish_requires_join: bool = True
     socket_sndbuf_bytes: int = 0
     max_rooms_per_connection: int = 128
+    max_rooms: int = 100000
     outbox_max_messages: int = 1024
     outbox_max_bytes: int = 1048576
     slow_consumer_policy: str = "disconnect"

@@ -21,16 +21,18 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidMessage
 from websockets.protocol import OPEN
 
 from . import protocol
+from .admission import address_key
 from .outbox import Outbox
-from .ratelimit import TokenBucket
+from .ratelimit import RateLimit
 from .rooms import BrokerOutcomeUnknown, BrokerUnavailable
 
 if TYPE_CHECKING:
     from .app import Gateway
+    from .config import Config
 
 __all__ = ["GatewayConnection", "Session", "echo", "serve_connection"]
 
@@ -54,6 +56,17 @@ class GatewayConnection(ServerConnection):
         self.outbox: Outbox | None = None
         self.made_at = 0.0
         self.abort_handle: asyncio.TimerHandle | None = None
+        # The last bytes of the request head read so far; None once it is whole.
+        self.head_tail: bytes | None = b""
+        # Admission (admission.py): the source address its limits count
+        # against, whether it has sent a byte, whether its head is still
+        # pending, whether it counts as a WebSocket of its address.
+        self.address = ""
+        self.spoke = False
+        self.pending = False
+        self.counted = False
+        self.first_byte_handle: asyncio.TimerHandle | None = None
+        self.rejected: str | None = None  # why the gateway dropped it before a handshake
 
     # Accounting: every accepted socket, handshake done or not.
 
@@ -62,12 +75,24 @@ class GatewayConnection(ServerConnection):
         gateway = self.gateway
         self.made_at = self.loop.time()
         gateway.connections.add(self)
+        peer = self.transport.get_extra_info("peername")
+        self.address = address_key(peer[0]) if peer else "?"
+        admission = gateway.admission
         if len(gateway.connections) > gateway.max_sockets:
-            # Past the connection limit plus the sockets kept for answering
-            # 503: close now rather than run into EMFILE.
-            gateway.metrics.handshake_rejected("fd_limit")
-            self.transport.abort()
-            return
+            # Past the descriptors kept for sockets: make room by dropping a
+            # socket that has not finished its handshake, or close this one
+            # now rather than run into EMFILE.
+            if not admission.pending:
+                self.reject("fd_limit")
+                return
+            admission.oldest().reject("pending_evicted")
+        self.pending = True
+        victim = admission.admit(self)
+        if victim is not None:
+            victim[0].reject(victim[1])
+        self.first_byte_handle = self.loop.call_later(
+            gateway.config.first_byte_timeout_s, self.reject, "first_byte_timeout"
+        )
         sndbuf = gateway.config.socket_sndbuf_bytes
         if sndbuf:
             # Bounds the kernel's share of a slow consumer's backlog (Linux
@@ -76,21 +101,57 @@ class GatewayConnection(ServerConnection):
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
 
+    def reject(self, reason: str) -> None:
+        """Drop this socket before its handshake is done, counted under ``reason``."""
+        if self.rejected is not None or self.request is not None:
+            return
+        self.rejected = reason
+        self.gateway.metrics.handshake_rejected(reason)
+        self._admitted()
+        self.gateway.connections.discard(self)
+        self.transport.abort()
+
+    def _admitted(self) -> None:
+        """No longer pending: the request head is read, or the socket is gone."""
+        if self.first_byte_handle is not None:
+            self.first_byte_handle.cancel()
+            self.first_byte_handle = None
+        if self.pending:
+            self.pending = False
+            self.gateway.admission.done(self)
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         gateway = self.gateway
         gateway.connections.discard(self)
+        self._admitted()
+        if self.counted:
+            self.counted = False
+            gateway.admission.closed(self.address)
         if self.abort_handle is not None:
             self.abort_handle.cancel()
             self.abort_handle = None
-        if self.request is None and len(gateway.connections) < gateway.max_sockets:
+        if self.request is None and self.rejected is None:
             if self.loop.time() - self.made_at >= gateway.config.open_timeout_s * 0.95:
                 gateway.metrics.handshake_rejected("timeout")
             elif self.protocol.handshake_exc is not None:
                 gateway.metrics.handshake_rejected("bad_request")
 
     def data_received(self, data: bytes) -> None:
+        if self.head_tail is not None:  # the request head is still coming
+            if not self.spoke:
+                self.spoke = True
+                if self.first_byte_handle is not None:
+                    self.first_byte_handle.cancel()
+                    self.first_byte_handle = None
+                if self.pending:
+                    self.gateway.admission.spoke(self)
+            if self._bare_lf(data):
+                self._refuse(400, "lines must end with CRLF\n")
+                return
         super().data_received(data)
+        if self.pending and self.request is not None:
+            self._admitted()
         # websockets sets close_deadline when it fails the connection or
         # answers a close frame here, but only a pending send enforces it: a
         # peer that never closes TCP would hold the socket until a keepalive
@@ -109,6 +170,33 @@ class GatewayConnection(ServerConnection):
                 self.outbox.discard()
                 self.outbox.close_reason = "write_buffer"
             self.transport.abort()
+
+    def _bare_lf(self, data: bytes) -> bool:
+        """Whether the request head so far has a LF without its CR.
+
+        websockets closes such a request without an answer; it gets a 400
+        here, as on the API port (see ``http11._read_lines`` for why it is
+        refused rather than read as nginx does).
+        """
+        assert self.head_tail is not None
+        seen = self.head_tail
+        joined = seen + data
+        end = joined.find(b"\r\n\r\n")
+        head = joined if end == -1 else joined[: end + 4]
+        self.head_tail = None if end != -1 else head[-3:]
+        # LFs without a CR before them, in the new bytes (the tail was checked).
+        bare = head.count(b"\n") - head.count(b"\r\n")
+        return bare > seen.count(b"\n") - seen.count(b"\r\n")
+
+    def _refuse(self, status: int, text: str) -> None:
+        """Answer a request head that websockets would not read, and close."""
+        self.head_tail = None  # whatever else comes is websockets' to discard
+        self.protocol.handshake_exc = InvalidMessage(text.strip())
+        response = self.protocol.reject(status, text)
+        response.headers["Server"] = self.gateway.server_name
+        self.protocol.send_response(response)
+        self.send_data()
+        self.transport.close()
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -204,34 +292,71 @@ def _peer(conn: GatewayConnection) -> str:
     return f"{host}:{port}"
 
 
+def _rate_limit(config: Config, now: float) -> RateLimit:
+    return RateLimit(
+        config.rate_limit_msgs_per_s,
+        config.rate_limit_burst,
+        config.rate_limit_bytes_per_s,
+        max_message_bytes=config.max_message_bytes,
+        max_rejected=config.rate_limit_max_rejected,
+        window_s=RATE_LIMIT_WINDOW_S,
+        now=now,
+    )
+
+
+def rate_limited_error(wait: float, id: protocol.MessageId = None) -> str:
+    return protocol.error(
+        "rate_limited",
+        "too many messages; slow down",
+        id,
+        retry_after_ms=max(1, round(wait * 1000)),
+    )
+
+
 async def echo(conn: GatewayConnection, outbox: Outbox) -> None:
-    """``/ws/echo``: every message back as it came, text or binary."""
-    metrics = conn.gateway.metrics
+    """``/ws/echo``: every message back as it came, text or binary.
+
+    The connection's rate limits apply as on ``/ws``: a message over them is
+    answered with a ``rate_limited`` error (a text frame) instead of its echo,
+    and too many of those close the connection 1008.
+    """
+    gateway = conn.gateway
+    metrics = gateway.metrics
+    limit = _rate_limit(gateway.config, conn.loop.time())
     async for message in conn:
+        payload = message.encode() if isinstance(message, str) else message
+        metrics.received(len(payload))
+        if outbox.closed:
+            continue  # closing: nothing more is echoed
+        wait = limit.check(conn.loop.time(), len(payload))
+        if wait:
+            metrics.rate_limited += 1
+            if limit.exceeded:
+                outbox.close(POLICY_VIOLATION, "rate limit exceeded", "rate_limited")
+            else:
+                metrics.protocol_error("rate_limited")
+                outbox.push(protocol.text_frame(rate_limited_error(wait).encode()), "reply")
+            continue
         if isinstance(message, str):
-            payload = message.encode()
-            metrics.received(len(payload))
             outbox.push(protocol.text_frame(payload), "reply")
         else:
-            metrics.received(len(message))
-            outbox.push(protocol.binary_frame(message), "reply")
+            outbox.push(protocol.binary_frame(payload), "reply")
+        if gateway.flusher.heavy:
+            await gateway.flusher.relieve()
 
 
 class Session:
     """The room protocol on ``/ws`` for one connection."""
 
     __slots__ = (
-        "byte_bucket",
         "config",
         "conn",
         "conn_id",
         "gateway",
         "hub",
         "joining",
-        "msg_bucket",
+        "limit",
         "outbox",
-        "rejected",
-        "rejected_since",
         "rooms",
     )
 
@@ -247,20 +372,7 @@ class Session:
         self.rooms: dict[str, str] = {}  # room -> this connection's policy there
         # Rooms whose join waits for the broker -> the ids to acknowledge then.
         self.joining: dict[str, list[protocol.MessageId]] = {}
-        now = conn.loop.time()
-        config = self.config
-        self.msg_bucket = TokenBucket(config.rate_limit_msgs_per_s, config.rate_limit_burst, now)
-        self.byte_bucket = (
-            TokenBucket(
-                config.rate_limit_bytes_per_s,
-                max(config.rate_limit_bytes_per_s, config.max_message_bytes),
-                now,
-            )
-            if config.rate_limit_bytes_per_s
-            else None
-        )
-        self.rejected = 0
-        self.rejected_since = now
+        self.limit = _rate_limit(self.config, conn.loop.time())
 
     def reply(self, text: str) -> None:
         self.outbox.push(protocol.text_frame(text.encode()), "reply")
@@ -277,27 +389,17 @@ class Session:
             )
         )
         try:
+            flusher = gateway.flusher
             async for message in self.conn:
                 await self.handle(message)
+                # websockets hands over queued messages without yielding: a
+                # burst of heavy publications is spread over iterations.
+                if flusher.heavy:
+                    await flusher.relieve()
         finally:
             for room in list(self.rooms):
                 self.hub.leave(room, self.outbox)
             self.rooms.clear()
-
-    def _rate_limited(self, size: int) -> float:
-        """Seconds until this message would be allowed; 0.0 when it is."""
-        now = self.conn.loop.time()
-        wait = self.msg_bucket.take(now)
-        if not wait and self.byte_bucket is not None:
-            wait = self.byte_bucket.take(now, size)
-        if not wait:
-            return 0.0
-        if now - self.rejected_since > RATE_LIMIT_WINDOW_S:
-            self.rejected = 0
-            self.rejected_since = now
-        self.rejected += 1
-        self.gateway.metrics.rate_limited += 1
-        return wait
 
     async def handle(self, message: str | bytes) -> None:
         started = time.perf_counter()
@@ -305,18 +407,14 @@ class Session:
         self.gateway.metrics.received(size)
         if self.outbox.closed:
             return  # closing: what the client still sends is not acted on
-        wait = self._rate_limited(size)
+        wait = self.limit.check(self.conn.loop.time(), size)
         if wait:
-            if self.rejected > self.config.rate_limit_max_rejected:
+            self.gateway.metrics.rate_limited += 1
+            if self.limit.exceeded:
                 self.outbox.close(POLICY_VIOLATION, "rate limit exceeded", "rate_limited")
                 return
-            id = _peek_id(message)
-            self.error(
-                "rate_limited",
-                "too many messages; slow down",
-                id,
-                retry_after_ms=max(1, round(wait * 1000)),
-            )
+            self.gateway.metrics.protocol_error("rate_limited")
+            self.reply(rate_limited_error(wait, _peek_id(message)))
             return
         if isinstance(message, bytes):
             self.error("bad_message", "binary frames are not supported; send JSON text")
@@ -371,6 +469,11 @@ class Session:
                 "too_many_rooms",
                 f"at most {self.config.max_rooms_per_connection} rooms per connection",
                 msg.id,
+            )
+            return
+        if msg.room not in self.hub.rooms and len(self.hub.rooms) >= self.config.max_rooms:
+            self.error(
+                "room_limit", "the gateway holds as many rooms as it may; retry later", msg.id
             )
             return
         self.rooms[msg.room] = policy

@@ -51,6 +51,7 @@ OTHER: Final = "other"  # the endpoint label of a request that matched no route
 MAX_CONNECTIONS: Final = 256
 MAX_HEAD_BYTES: Final = 16 * 1024
 MAX_HEADERS: Final = 64
+MAX_EMPTY_LINES: Final = 4  # before a request line, skipped (RFC 9112 §2.2)
 HEADER_TIMEOUT_S: Final = 10.0
 BODY_TIMEOUT_S: Final = 10.0
 IDLE_TIMEOUT_S: Final = 15.0
@@ -64,7 +65,8 @@ REFUSAL_LINGER_S: Final = 0.25
 LINGER_MAX_BYTES: Final = 1 << 20
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-REQUEST_LINE_RE: Final = re.compile(rb"(" + _TOKEN + rb") (/[^ \x00-\x1f\x7f]*) HTTP/(1\.[01])")
+# The target is ASCII (RFC 9112 §3.2, RFC 3986 §2): other bytes arrive percent-encoded.
+REQUEST_LINE_RE: Final = re.compile(rb"(" + _TOKEN + rb") (/[!-~]*) HTTP/(1\.[01])")
 HEADER_RE: Final = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*")
 CHUNK_SIZE_RE: Final = re.compile(rb"[0-9A-Fa-f]{1,8}")
 # Headers that a request may carry once: two lengths are request smuggling.
@@ -199,15 +201,19 @@ def parse_head(head: bytes) -> Request:
                 raise HttpError(400, f"{name} given more than once", close=True)
             value = f"{headers[name]}, {value}"
         headers[name] = value
-    method, target, version = match.group(1).decode(), match.group(2).decode(), match.group(3)
+    method, target = match.group(1).decode("ascii"), match.group(2).decode("ascii")
+    version = match.group(3)
     path, _, query = target.partition("?")
     request = Request(method, path, query, version.decode(), headers)
     if request.version == "1.1" and "host" not in headers:
         raise HttpError(400, "Host is required", close=True)
-    request.body_pending = "transfer-encoding" in headers or headers.get(
-        "content-length", "0"
-    ).strip() not in ("", "0")
+    request.body_pending = "transfer-encoding" in headers or _content_length(headers) != "0"
     return request
+
+
+def _content_length(headers: dict[str, str]) -> str:
+    """The Content-Length as given, less leading zeros ("0" when there is none)."""
+    return headers.get("content-length", "").strip().lstrip("0") or "0"
 
 
 class HttpServer:
@@ -375,7 +381,7 @@ class HttpServer:
             return None
         try:
             async with asyncio.timeout(self.header_timeout_s):
-                return byte + await reader.readuntil(b"\r\n\r\n")
+                return await _read_lines(reader, byte)
         except TimeoutError:
             raise HttpError(408, "the request head took too long", close=True) from None
         except asyncio.LimitOverrunError:
@@ -398,13 +404,16 @@ class HttpServer:
                 raise HttpError(400, "only the chunked transfer coding", close=True)
         elif length is None:
             return b""
-        elif not (length.isascii() and length.isdigit()):
+        elif not (length.isascii() and length.strip().isdigit()):
             raise HttpError(400, "malformed Content-Length", close=True)
-        # int() refuses more than 4300 digits: anything past 18 is too large anyway.
-        elif len(length) > 18 or int(length) > limit:
-            raise HttpError(413, f"the body may be at most {limit} bytes", close=True)
-        elif int(length) == 0:
-            return b""
+        else:
+            # Leading zeros say nothing (RFC 9110 §8.6); int() refuses more than
+            # 4300 digits, and anything past 18 is too large anyway.
+            length = _content_length(headers)
+            if len(length) > 18 or int(length) > limit:
+                raise HttpError(413, f"the body may be at most {limit} bytes", close=True)
+            if length == "0":
+                return b""
         if headers.get("expect", "").lower() == "100-continue" and request.version == "1.1":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
@@ -450,6 +459,36 @@ class HttpServer:
                     dropped += len(data)
         except (TimeoutError, ConnectionError):
             pass
+
+
+async def _read_lines(reader: asyncio.StreamReader, first: bytes) -> bytes:
+    """A request head, line by line: CRLF endings only, at most :data:`MAX_HEAD_BYTES`.
+
+    A bare LF is refused at once rather than waited on: a proxy in front that
+    splits lines differently would see other requests in the same bytes
+    (request smuggling; RFC 9112 §2.2 allows either, nginx accepts it). A few
+    empty lines before the request line are skipped (RFC 9112 §2.2).
+    """
+    if first == b"\n":
+        raise HttpError(400, "lines must end with CRLF", close=True)
+    head = bytearray(first)
+    start = 0  # where the line being read begins
+    skipped = 0
+    while True:
+        head += await reader.readuntil(b"\n")
+        if len(head) > MAX_HEAD_BYTES:
+            raise HttpError(431, "the request head is too large", close=True)
+        if head[-2:-1] != b"\r":
+            raise HttpError(400, "lines must end with CRLF", close=True)
+        if len(head) - start == 2:  # an empty line
+            if start:
+                return bytes(head)
+            skipped += 1
+            if skipped > MAX_EMPTY_LINES:
+                raise HttpError(400, "no request line", close=True)
+            del head[:]
+            continue
+        start = len(head)
 
 
 async def _read_chunked(reader: asyncio.StreamReader, limit: int) -> bytes:

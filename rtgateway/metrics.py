@@ -23,6 +23,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from . import log
 from .protocol import ERROR_CODES
 
 __all__ = [
@@ -53,6 +54,10 @@ HANDSHAKE_REJECTIONS = (
     "bad_request",
     "timeout",
     "fd_limit",
+    "first_byte_timeout",
+    "pending_evicted",
+    "address_pending_limit",
+    "address_limit",
 )
 DROP_POLICIES = ("drop_oldest", "drop_newest")
 
@@ -131,6 +136,8 @@ class Metrics:
         self.broker_reconnects = 0
         self.broker_errors = 0
         self.broker_stale = 0
+        # Sockets accepted that have not finished a handshake (admission.py).
+        self.pending_hook: Callable[[], int] = lambda: 0
         # Set on a worker of a multi-process gateway: renders the whole host
         # (this worker and its siblings) for /metrics, instead of this process.
         self.render_hook: Callable[[], Awaitable[bytes]] | None = None
@@ -210,6 +217,11 @@ class Metrics:
             self.max_connections,
         )
         yield counter("connections", "WebSocket connections opened.", self.connections_total)
+        yield gauge(
+            "pending_handshakes_current",
+            "Sockets accepted that have not finished a handshake yet.",
+            self.pending_hook(),
+        )
         yield labelled(
             "disconnects", "WebSocket connections closed, by reason.", "reason", self.disconnects
         )
@@ -282,6 +294,18 @@ class Metrics:
                 "members had seen; members see them as a gap.",
                 self.broker_stale,
             )
+        yield labelled(
+            "log_events",
+            "Log events at warning level or above, by level, every one of them.",
+            "level",
+            log.EVENTS,
+        )
+        yield labelled(
+            "log_events_suppressed",
+            "Repeated log events at warning level or above that were counted, not written.",
+            "level",
+            log.SUPPRESSED,
+        )
         yield self.fanout.family(p + "fanout_recipients", "Recipients per publication.")
         yield self.publish_seconds.family(
             p + "publish_seconds",

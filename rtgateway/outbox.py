@@ -8,6 +8,25 @@ one system call per connection instead of one per frame. While the transport
 is above its high-water mark (the connection is *paused*) frames wait, and
 they are flushed when it drains.
 
+Only a member that stops reading may fill its outbox, never one iteration's
+fan-out: one API batch, or 16 queued client messages, can push more than a
+whole outbox in one iteration, before any socket was written. Two things keep
+that from happening:
+
+- *write-through*: once an outbox holds :data:`WRITE_THROUGH_BYTES` and its
+  transport is not paused, :meth:`Outbox.push` writes at once; the kernel
+  takes what the peer has room for;
+- *one heavy publication per iteration*: such a push marks the flusher
+  ``heavy``, and a publisher awaits :meth:`Flusher.relieve` before its next
+  publication, which lets the event loop run once (sockets are read and
+  written) when, and only when, the last one was heavy. A paused outbox past
+  the threshold marks it once, then again only after its transport drained:
+  a member that stopped reading must not make every publication to its room
+  yield.
+
+Small bursts never reach the threshold and still leave in one write per
+connection per iteration.
+
 The queue is bounded by frames and by bytes. When it is full, the policy of
 the frame being pushed decides (Centrifugo and Phoenix hard-code one of these;
 here each room membership carries its own):
@@ -33,9 +52,13 @@ import structlog
 
 from .metrics import Metrics
 
-__all__ = ["SLOW_CONSUMER", "Flusher", "Outbox", "Writable"]
+__all__ = ["SLOW_CONSUMER", "WRITE_THROUGH_BYTES", "Flusher", "Outbox", "Writable"]
 
 SLOW_CONSUMER = 4008
+# Queued bytes past which an outbox writes at once: the transport's high-water
+# mark (the gateway's write limit), so that a connection that is not paused
+# never holds more than a write's worth in its outbox.
+WRITE_THROUGH_BYTES = 64 * 1024
 _log = structlog.get_logger("rtgateway.outbox")
 
 
@@ -51,14 +74,30 @@ class Writable(Protocol):
 
 
 class Flusher:
-    """Runs :meth:`Outbox.flush` once per loop iteration for outboxes with new frames."""
+    """Runs :meth:`Outbox.flush` once per loop iteration for outboxes with new frames.
 
-    __slots__ = ("dirty", "loop", "scheduled")
+    ``heavy`` is set when a push filled an outbox past
+    :data:`WRITE_THROUGH_BYTES`; :meth:`relieve` clears it.
+    """
+
+    __slots__ = ("dirty", "heavy", "loop", "scheduled")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.dirty: list[Outbox] = []
         self.scheduled = False
+        self.heavy = False
+
+    async def relieve(self) -> None:
+        """Yield to the event loop once if the last publication filled an outbox.
+
+        Publishers call this between publications: a burst of heavy ones is
+        spread over loop iterations, in which members read and their
+        transports drain, instead of queued in one.
+        """
+        if self.heavy:
+            self.heavy = False
+            await asyncio.sleep(0)
 
     def add(self, outbox: Outbox) -> None:
         self.dirty.append(outbox)
@@ -84,6 +123,7 @@ class Outbox:
         "close_reason",
         "closed",
         "conn",
+        "drained",
         "flusher",
         "frames",
         "max_bytes",
@@ -114,6 +154,7 @@ class Outbox:
         self.nbytes = 0
         self.scheduled = False
         self.closed = False
+        self.drained = True  # written to the transport since it last made a publisher yield
         # (code, reason) of a close frame to send once the queue is written.
         self.pending_close: tuple[int, str] | None = None
         # Why the gateway closed this connection, for the disconnect counter.
@@ -130,11 +171,30 @@ class Outbox:
             return
         self.frames.append(frame)
         self.policies.append(policy)
-        self.nbytes += size
+        nbytes = self.nbytes = self.nbytes + size
         self.metrics.outbox_queued_bytes += size
+        if nbytes >= WRITE_THROUGH_BYTES and self._write_through():
+            return
         if not self.scheduled:
             self.scheduled = True
             self.flusher.add(self)
+
+    def _write_through(self) -> bool:
+        """Past the threshold: write now if the transport takes it; whether it was written."""
+        if not self.conn.paused:
+            # The peer's socket may take it now: a member that reads is not
+            # made to hold a whole burst.
+            self.flusher.heavy = True
+            self.flush_guarded()
+            return True
+        if self.drained:
+            # Paused: the publisher yields once, and again only after this
+            # transport drained, so that a member that stopped reading does
+            # not cost its room a loop iteration per publication (and the
+            # coalescing of everyone else's writes).
+            self.drained = False
+            self.flusher.heavy = True
+        return False
 
     def _make_room(self, size: int, policy: str) -> bool:
         if policy == "drop_newest" or (policy == "drop_oldest" and size > self.max_bytes):
@@ -173,6 +233,14 @@ class Outbox:
         self.policies.clear()
         self.nbytes = 0
 
+    def flush_guarded(self) -> None:
+        """:meth:`flush`, inside a fan-out: one broken connection must not stop the others."""
+        try:
+            self.flush()
+        except Exception:
+            _log.exception("outbox_flush_failed")
+            self.conn.transport.abort()
+
     def flush(self) -> None:
         """Write every waiting frame in one write, unless the transport is paused."""
         conn = self.conn
@@ -184,6 +252,7 @@ class Outbox:
                 count = len(frames)
                 data = frames[0] if count == 1 else b"".join(frames)
                 conn.transport.write(data)
+                self.drained = True
                 self.metrics.sent(count, len(data))
                 self.metrics.flush_frames.observe(count)
             self._clear()

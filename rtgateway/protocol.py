@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import struct
 from typing import Any, Final
@@ -31,6 +32,7 @@ __all__ = [
     "encode",
     "encode_data",
     "error",
+    "finite_float",
     "hello",
     "message_frame",
     "parse",
@@ -53,6 +55,7 @@ ERROR_CODES: Final = (
     "unavailable",
     "internal",
     "outcome_unknown",
+    "room_limit",
 )
 
 POLICIES: Final = ("disconnect", "drop_oldest", "drop_newest")
@@ -111,6 +114,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def finite_float(text: str) -> float:
+    """``json.loads``' ``parse_float``: a number past a double's range (1e999) is an error.
+
+    Python reads it as infinity, which no JSON encoder can write back.
+    """
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is out of range")
+    return value
+
+
 def valid_room(room: object) -> bool:
     return isinstance(room, str) and ROOM_RE.fullmatch(room) is not None
 
@@ -167,11 +181,12 @@ def encode_data(data: Any) -> bytes:
 def parse(text: str) -> ClientMessage:
     """Parse one client text message. Raises :exc:`ProtocolError`."""
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=finite_float)
     except RecursionError:
         raise ProtocolError("bad_json", "message is nested too deeply") from None
     except ValueError:
-        # JSONDecodeError, NaN/Infinity, and integers past Python's 4300-digit limit.
+        # JSONDecodeError, NaN/Infinity, numbers out of range (1e999), and
+        # integers past Python's 4300-digit limit.
         raise ProtocolError("bad_json", "message is not valid JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_message", "message must be a JSON object")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["TokenBucket"]
+__all__ = ["RateLimit", "TokenBucket"]
 
 
 class TokenBucket:
@@ -29,3 +29,54 @@ class TokenBucket:
             self.tokens -= cost
             return 0.0
         return (cost - self.tokens) / self.rate
+
+
+class RateLimit:
+    """A connection's inbound limits: messages and bytes per second, and abuse.
+
+    :meth:`check` takes one message's tokens. A refused message counts towards
+    ``max_rejected`` within ``window_s``, past which :attr:`exceeded` says to
+    close the connection. ``bytes_per_s`` 0 turns the byte limit off; its
+    burst is one second of it, and at least one message of ``max_message_bytes``.
+    """
+
+    __slots__ = ("byte_bucket", "max_rejected", "msg_bucket", "rejected", "since", "window_s")
+
+    def __init__(
+        self,
+        msgs_per_s: float,
+        burst: int,
+        bytes_per_s: int,
+        *,
+        max_message_bytes: int,
+        max_rejected: int,
+        window_s: float,
+        now: float,
+    ) -> None:
+        self.msg_bucket = TokenBucket(msgs_per_s, burst, now)
+        self.byte_bucket = (
+            TokenBucket(bytes_per_s, max(bytes_per_s, max_message_bytes), now)
+            if bytes_per_s
+            else None
+        )
+        self.max_rejected = max_rejected
+        self.window_s = window_s
+        self.rejected = 0
+        self.since = now
+
+    def check(self, now: float, size: int) -> float:
+        """Seconds until this message would be allowed; 0.0 when it is."""
+        wait = self.msg_bucket.take(now)
+        if not wait and self.byte_bucket is not None:
+            wait = self.byte_bucket.take(now, size)
+        if not wait:
+            return 0.0
+        if now - self.since > self.window_s:
+            self.rejected = 0
+            self.since = now
+        self.rejected += 1
+        return wait
+
+    @property
+    def exceeded(self) -> bool:
+        return self.rejected > self.max_rejected

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from . import protocol
@@ -78,10 +78,11 @@ class Room:
 
 
 class Broker(Protocol):
-    async def publish(self, room: str, ts_ms: int, data: bytes, started: float) -> int:
-        """Publish to every member everywhere; return the publication's ``seq``.
+    def submit(self, room: str, ts_ms: int, data: bytes, started: float) -> Awaitable[int]:
+        """Publish to every member everywhere, in submission order; await the ``seq``.
 
-        ``started`` is the ``time.perf_counter()`` at which the publication was read.
+        ``started`` is the ``time.perf_counter()`` at which the publication was
+        read. Raises :exc:`BrokerUnavailable` when it cannot be taken now.
         """
         ...
 
@@ -198,18 +199,28 @@ class Hub:
         room = self.rooms.get(name)
         return len(room.members) if room else 0
 
-    async def publish(
+    def submit(
         self, name: str, data: bytes, ts_ms: int | None = None, started: float | None = None
-    ) -> int:
-        """Publish JSON ``data`` (already encoded) to room ``name``; return its seq.
+    ) -> Awaitable[int]:
+        """Publish JSON ``data`` (already encoded) to room ``name`` now; await its seq.
 
-        Raises :exc:`BrokerUnavailable` when the broker cannot take it.
+        What follows the call is ordered after it: publications submitted one
+        after another keep their order without waiting for each other. Raises
+        :exc:`BrokerUnavailable` when the broker cannot take it now; the
+        awaitable may raise :exc:`BrokerUnavailable` or
+        :exc:`BrokerOutcomeUnknown`.
         """
         if started is None:
             started = time.perf_counter()
         if ts_ms is None:
             ts_ms = time.time_ns() // 1_000_000
-        return await self.broker.publish(name, ts_ms, data, started)
+        return self.broker.submit(name, ts_ms, data, started)
+
+    async def publish(
+        self, name: str, data: bytes, ts_ms: int | None = None, started: float | None = None
+    ) -> int:
+        """:meth:`submit`, then wait for the seq."""
+        return await self.submit(name, data, ts_ms, started)
 
     def seq(self, name: str) -> int:
         """The highest ``seq`` delivered here in ``name`` (0: none, or no such room)."""
@@ -237,13 +248,15 @@ class LocalBroker:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
 
-    async def publish(self, room: str, ts_ms: int, data: bytes, started: float) -> int:
+    def submit(self, room: str, ts_ms: int, data: bytes, started: float) -> Awaitable[int]:
         target = self.hub.rooms.get(room)
-        if target is None:
-            return 0  # nobody is there to see it; nothing is numbered
-        seq = target.seq + 1
-        self.hub.deliver(room, seq, ts_ms, data, started)
-        return seq
+        seq = 0  # nobody is there to see it; nothing is numbered
+        if target is not None:
+            seq = target.seq + 1
+            self.hub.deliver(room, seq, ts_ms, data, started)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(seq)
+        return done
 
     available = True
 

@@ -16,8 +16,9 @@ through the broker (Redis). The supervisor:
 - alone talks to systemd: ``READY=1`` once every worker is ready, ``STATUS=``,
   and ``WATCHDOG=1`` only while every live worker is responsive (workers get
   no ``NOTIFY_SOCKET``);
-- on SIGTERM/SIGINT forwards SIGTERM to every worker (each drains with 1012),
-  waits for all of them, and exits 0; a second signal kills them and exits 1.
+- on SIGTERM, SIGINT or SIGHUP forwards SIGTERM to every worker (each drains
+  with 1012), waits for all of them, removes its runtime directory and exits
+  0; a second signal kills them and exits 1.
 """
 
 from __future__ import annotations
@@ -323,7 +324,7 @@ def _die_with_parent() -> None:
 
 
 def supervise(config: Config, argv: list[str]) -> int:
-    """Run the supervisor until SIGTERM/SIGINT; the exit status."""
+    """Run the supervisor until SIGTERM, SIGINT or SIGHUP; the exit status."""
     logger = log.get_logger(role="supervisor")
 
     async def main() -> int:
@@ -339,7 +340,7 @@ def supervise(config: Config, argv: list[str]) -> int:
             logger.info("shutdown_signal", signal=signal.Signals(signum).name)
             stop.set()
 
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(signum, on_signal, signum)
         return await supervisor.serve(stop.wait)
 

@@ -33,11 +33,15 @@ from rtgateway.testing import GatewayProcess
 
 SECTIONS = ("1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "10.*")
 FULL_SECTIONS = (*SECTIONS, "9.*")
-# Settings for --full: section 9 sends messages of up to 16 MiB, echoed back whole.
+# Settings for --full: section 9 sends messages of up to 16 MiB, echoed back
+# whole, and 1000 messages per connection as fast as they are echoed (9.7, 9.8):
+# /ws/echo applies the connection's rate limits.
 FULL_ENV = {
     "RTG_MAX_MESSAGE_BYTES": str(16 * 2**20),
     "RTG_OUTBOX_MAX_BYTES": str(64 * 2**20),
     "RTG_RATE_LIMIT_BYTES_PER_S": "0",
+    "RTG_RATE_LIMIT_MSGS_PER_S": "1000000",
+    "RTG_RATE_LIMIT_BURST": "1000000",
 }
 PASSING = {"OK", "NON-STRICT", "INFORMATIONAL"}
 PASSING_CLOSE = {"OK", "INFORMATIONAL"}

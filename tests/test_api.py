@@ -222,8 +222,10 @@ class FailingBroker:
     def __init__(self, error: type[Exception]) -> None:
         self.error = error
 
-    async def publish(self, room: str, ts_ms: int, data: bytes, started: float) -> int:
-        raise self.error
+    def submit(self, room: str, ts_ms: int, data: bytes, started: float) -> asyncio.Future[int]:
+        failed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        failed.set_exception(self.error())
+        return failed
 
     def room_opened(self, room: str) -> bool:
         return True
@@ -415,6 +417,8 @@ BIG = 65536  # RTG_MAX_MESSAGE_BYTES in TEST_CONFIG
         (b"{not json", 400, "bad_json"),
         (b'{"room": "r", "data": NaN}', 400, "bad_json"),
         (b'{"room": "r", "data": Infinity}', 400, "bad_json"),
+        (b'{"room": "r", "data": 1e999}', 400, "bad_json"),
+        (b'{"room": "r", "data": [-1e999]}', 400, "bad_json"),
         (b'{"room": "r", "data": "\xff"}', 400, "bad_json"),  # not UTF-8
         (b"[" * 100_000 + b"]" * 100_000, 413, "message_too_large"),
         (b"[" * 30_000 + b"]" * 30_000, 400, "bad_json"),  # nested too deeply

@@ -8,11 +8,13 @@ with a 4 KiB receive buffer that stops reading.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 import pytest
+from conftest import TEST_CONFIG, running_gateway
 from support import GatewayProcess, http_get, wait_until
-from wire import OP_CLOSE, OP_PING, OP_TEXT, RawConnection
+from wire import OP_CLOSE, OP_PING, OP_TEXT, RawConnection, encode_frame
 
 from rtgateway.client import Client
 
@@ -102,6 +104,9 @@ def fast_gateway() -> GatewayProcess:
         "RTG_SOCKET_SNDBUF_BYTES": "65536",
         # Long enough for the slow consumer to come back and read its close frame.
         "RTG_CLOSE_TIMEOUT_S": "300",
+        # The members are raw clients, which answer no ping: with keepalive on,
+        # a run slowed past 40 s (a loaded machine) cut them off with 1011.
+        "RTG_PING_INTERVAL_S": "0",
     }
     with GatewayProcess(env) as gw:
         yield gw
@@ -261,3 +266,134 @@ async def test_client_may_choose_only_allowed_policies() -> None:
             with pytest.raises(Exception) as info:
                 await c.join("b", policy="drop_newest")
             assert getattr(info.value, "code", None) == "policy_not_allowed"
+
+
+# A legal burst to members that read as fast as they can: nobody is a slow
+# consumer. One event-loop iteration's fan-out used to exceed the whole outbox
+# (1 MiB) of a member that was reading at full speed, which closed it 4008.
+
+BURST_MEMBERS = 10
+
+
+async def read_messages(client: RawConnection, count: int) -> tuple[list[int], int | None]:
+    """The seqs of the next ``count`` publications, and the close code if one came first."""
+    seqs: list[int] = []
+    while len(seqs) < count:
+        frame = await client.recv_frame(timeout=60)
+        if frame is None:
+            return seqs, None
+        if frame.opcode == OP_CLOSE:
+            return seqs, int.from_bytes(frame.payload[:2], "big")
+        if frame.opcode == OP_TEXT and frame.payload.startswith(b'{"op":"message"'):
+            match = SEQ_RE.search(frame.payload)
+            assert match is not None
+            seqs.append(int(match.group(1)))
+    return seqs, None
+
+
+def api_port(gw: GatewayProcess) -> int:
+    listening = next(e for e in gw.events if e.get("event") == "gateway_listening")
+    return int(listening["api_addresses"][0].rsplit(":", 1)[1])
+
+
+async def post(port: int, path: str, body: bytes) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n" % (path.encode(), len(body)) + body
+    )
+    response = await asyncio.wait_for(reader.read(), 60)
+    writer.close()
+    head, _, payload = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), payload
+
+
+async def test_api_batch_of_100_x_10k_reaches_every_member_that_reads() -> None:
+    with GatewayProcess({"RTG_API_ADDR": "127.0.0.1:0", "RTG_STATS_INTERVAL_S": "0"}) as gw:
+        assert gw.port is not None
+        members = [await joined_raw(gw.port, "burst") for _ in range(BURST_MEMBERS)]
+        readers = [asyncio.create_task(read_messages(m, 100)) for m in members]
+        # 100 publications of 10.4 KB: 1,046,801 bytes, under the 1 MiB body limit.
+        item = b'{"room":"burst","data":"%s"}' % (b"x" * 10_441)
+        body = b"[" + b",".join([item] * 100) + b"]"
+        assert len(body) == 1_046_801 < 1 << 20
+        status, payload = await post(api_port(gw), "/api/publish/batch", body)
+        assert status == 200, payload[:200]
+        assert [r["seq"] for r in json.loads(payload)] == list(range(1, 101))
+        for seqs, close_code in await asyncio.gather(*readers):
+            assert close_code is None, f"closed {close_code} after {len(seqs)} messages"
+            assert seqs == list(range(1, 101))
+        assert metric(gw, "rtgateway_disconnects_total", '{reason="slow_consumer"}') == 0
+        for m in members:
+            await m.close()
+
+
+async def test_two_clients_bursting_65k_messages_reach_every_member_that_reads() -> None:
+    # In-process: the members read on the gateway's own event loop, so they
+    # read exactly when the gateway lets them, as fast as it lets them.
+    async with running_gateway(TEST_CONFIG) as gw:
+        members = [await joined_raw(gw.port, "burst") for _ in range(BURST_MEMBERS)]
+        publishers = [await joined_raw(gw.port, "burst") for _ in range(2)]
+        # Everyone reads, the publishers too (they are members).
+        readers = [asyncio.create_task(read_messages(m, 32)) for m in [*members, *publishers]]
+        data = "y" * 65_000  # with its envelope, just under RTG_MAX_MESSAGE_BYTES
+        frame = encode_frame(
+            OP_TEXT, json.dumps({"op": "publish", "room": "burst", "data": data}).encode()
+        )
+        # 16 x 65 KB = 1,040,000 bytes each, sent at once: inside the 1 MiB/s
+        # byte limit's burst, and within websockets' 16-message read queue.
+        for publisher in publishers:
+            await publisher.send(frame * 16)
+        for seqs, close_code in await asyncio.gather(*readers):
+            assert close_code is None, f"closed {close_code} after {len(seqs)} messages"
+            assert seqs == list(range(1, 33))
+        assert gw.metrics.disconnects["slow_consumer"] == 0
+        assert gw.metrics.rate_limited == 0
+        for m in [*members, *publishers]:
+            await m.close()
+
+
+async def test_a_member_that_stopped_reading_does_not_cost_its_room_the_coalescing() -> None:
+    # A publisher yields to the loop after a publication that filled an
+    # outbox past the write-through threshold; a stuck member's outbox stays
+    # there, and must not make every publication yield (one write per member
+    # per publication instead of one per burst).
+    config = TEST_CONFIG.replace(
+        publish_requires_join=False,
+        socket_sndbuf_bytes=4096,
+        rate_limit_msgs_per_s=1e6,
+        rate_limit_burst=10**6,
+        rate_limit_bytes_per_s=0,
+    )
+    async with running_gateway(config) as gw:
+        healthy = [await joined_raw(gw.port, "room") for _ in range(20)]
+        stuck = await joined_raw(gw.port, "room", policy="drop_oldest", rcvbuf=4096)
+        publisher = await RawConnection.open(gw.port)
+
+        async def burst(count: int, size: int) -> None:
+            frames = b"".join(
+                encode_frame(
+                    OP_TEXT,
+                    json.dumps({"op": "publish", "room": "room", "data": "z" * size}).encode(),
+                )
+                for _ in range(count)
+            )
+            readers = [asyncio.create_task(read_messages(m, count)) for m in healthy]
+            await publisher.send(frames)
+            for seqs, close_code in await asyncio.gather(*readers):
+                assert close_code is None and len(seqs) == count
+
+        # Fill the stuck member: its kernel buffers, its transport, then its outbox.
+        await burst(200, 1000)
+        assert gw.metrics.outbox_queued_bytes > 64 * 1024
+        writes_before = gw.metrics.flush_frames.count
+        await burst(10, 10)
+        writes = gw.metrics.flush_frames.count - writes_before
+        # One write per healthy member for the whole burst (a few more if the
+        # burst arrived in pieces); one per publication would be 200.
+        assert writes < 3 * len(healthy), writes
+        assert gw.metrics.disconnects["slow_consumer"] == 0
+        stuck.abort()
+        publisher.abort()
+        for m in healthy:
+            await m.close()

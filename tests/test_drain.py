@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import socket
@@ -149,3 +150,62 @@ def test_nothing_is_sent_without_notify_socket() -> None:
     assert watchdog_interval({}) is None
     assert watchdog_interval({"WATCHDOG_USEC": "2000000"}) == 1.0
     assert watchdog_interval({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}) is None
+
+
+# SIGHUP: the appliance has nothing to reload; a hangup (a closed terminal,
+# `systemctl kill -s HUP`) drains like SIGTERM.
+
+
+async def test_sighup_drains_like_sigterm_and_exits_0() -> None:
+    env = {"RTG_DRAIN_WINDOW_S": "0.2", "RTG_DRAIN_TIMEOUT_S": "5"}
+    with GatewayProcess(env) as gw:
+        async with connect(gw.ws_url + "/ws") as ws:
+            await ws.recv()  # hello
+            gw.signal(signal.SIGHUP)
+            try:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+            except ConnectionClosed as exc:
+                assert exc.rcvd is not None, "no close frame"
+                assert exc.rcvd.code == 1012
+        assert await asyncio.to_thread(gw.wait, 15) == 0
+        events = [e for e in gw.events if e.get("event") == "shutdown_signal"]
+        assert [e["signal"] for e in events] == ["SIGHUP"]
+        assert any(e.get("event") == "drain_finished" for e in gw.events)
+
+
+class SupervisorProcess(GatewayProcess):
+    ready_event = "supervisor_ready"
+
+
+async def test_sighup_to_the_supervisor_and_its_workers_drains_and_removes_the_runtime_dir(
+    tmp_path: Path,
+) -> None:
+    env = {
+        "RTG_WORKERS": "2",
+        # Nothing listens there: the workers serve without a broker, which
+        # this test does not need.
+        "RTG_BROKER_URL": "redis://127.0.0.1:1",
+        "RTG_DRAIN_WINDOW_S": "0.2",
+        "RTG_DRAIN_TIMEOUT_S": "5",
+        "RUNTIME_DIRECTORY": str(tmp_path),
+    }
+    with SupervisorProcess(env) as sup:
+        assert sup.proc is not None
+        [runtime_dir] = os.listdir(tmp_path)
+        workers = [e["pid"] for e in sup.events if e.get("event") == "worker_started"]
+        async with connect(sup.ws_url + "/ws") as ws:
+            await ws.recv()  # hello
+            # What `systemctl kill -s HUP` does: every process of the unit at once.
+            for pid in (sup.proc.pid, *workers):
+                os.kill(pid, signal.SIGHUP)
+            try:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+            except ConnectionClosed as exc:
+                assert exc.rcvd is not None, "no close frame"
+                assert exc.rcvd.code == 1012
+        assert await asyncio.to_thread(sup.wait, 30) == 0
+        exits = [e for e in sup.events if e.get("event") == "worker_exited"]
+        assert sorted(e["returncode"] for e in exits) == [0, 0], exits
+        assert os.listdir(tmp_path) == [], f"{runtime_dir} left behind"

@@ -255,7 +255,9 @@ def connections() -> list[Panel]:
             "Handshake rejections /s by reason",
             "Opening handshakes refused: connection_limit and fd_limit mean capacity is "
             "exhausted; draining during shutdown; origin, not_found, method, bad_request and "
-            "timeout are client-side problems.",
+            "timeout are client-side problems; address_limit, address_pending_limit, "
+            "pending_evicted and first_byte_timeout are one source (or a flood) holding too "
+            "many sockets.",
             targets(
                 (
                     f"sum by (reason) ({rate('rtgateway_handshake_rejections_total')})",
@@ -263,6 +265,18 @@ def connections() -> list[Panel]:
                 ),
             ),
             unit="ops",
+        ),
+        timeseries(
+            "Pending handshakes",
+            "Sockets accepted that have not finished a handshake "
+            "(rtgateway_pending_handshakes_current). A plateau at RTG_MAX_PENDING_HANDSHAKES "
+            "with pending_evicted rising is a flood of silent sockets.",
+            targets(
+                (
+                    f"sum by (instance) (rtgateway_pending_handshakes_current{{{SEL}}})",
+                    "{{instance}}",
+                ),
+            ),
         ),
         timeseries(
             "Rooms and memberships",
@@ -459,6 +473,20 @@ def process() -> list[Panel]:
                 (f"sum by (instance) (process_resident_memory_bytes{{{SEL}}})", "{{instance}} RSS"),
             ),
             unit="bytes",
+        ),
+        timeseries(
+            "Log warnings and errors /s",
+            "Log events at warning level and above, every one (rtgateway_log_events_total), "
+            "and those counted but not written because one event repeated more than 10 times "
+            "in 10 s (rtgateway_log_events_suppressed_total).",
+            targets(
+                (f"sum by (level) ({rate('rtgateway_log_events_total')})", "{{level}}"),
+                (
+                    f"sum by (level) ({rate('rtgateway_log_events_suppressed_total')})",
+                    "{{level}} not written",
+                ),
+            ),
+            unit="ops",
         ),
         timeseries(
             "Open files against the limit",
