@@ -13,12 +13,12 @@
 set -euo pipefail
 
 SUITE=bookworm
-MIRROR=${RTG_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+MIRROR=${RTGATEWAY_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # What the appliance test needs inside: systemd as PID 1, python3-venv for
 # deploy/install.sh, procps for pgrep/ps, ca-certificates for online pip.
 PACKAGES=systemd,systemd-sysv,dbus,python3,python3-venv,ca-certificates,procps
 
-CACHE=${RTG_CI_CACHE:-/var/cache/rtgateway-ci}
+CACHE=${RTGATEWAY_CI_CACHE:-/var/cache/rtgateway-ci}
 KEY=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-12)
 ROOT="$CACHE/systemd-rootfs-$KEY"
 

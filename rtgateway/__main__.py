@@ -25,6 +25,7 @@ import uvloop
 from . import __version__, log
 from .config import SETTINGS, Config, ConfigError, env_name, flag_name, load
 from .worker import ADDR_ENV, WorkerInfo
+from .worker import ENVIRONMENT as worker_environment
 
 __all__ = ["SHUTDOWN_SIGNALS", "main"]
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if v is not None}
     try:
-        config = load(os.environ, flags)
+        config = load(os.environ, flags, internal=worker_environment)
     except ConfigError as exc:
         print(f"rtgateway: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -1,28 +1,39 @@
 """Gateway settings: one frozen dataclass, read from ``RTG_*`` and flags.
 
-Every setting has one row in :data:`SETTINGS` (name, type, default, unit,
-help); the environment variable is ``RTG_`` + the upper-cased name and the
-flag is ``--`` + the name with dashes. A flag beats the environment, the
-environment beats the default. Invalid values raise :exc:`ConfigError` whose
-message names the setting and what it accepts; ``__main__`` turns that into
-exit status 2.
+Each setting is declared once, as a field of :class:`Config`: its default, its
+converter, its help and its metavar (:func:`setting`). :data:`SETTINGS` is
+derived from the fields; the environment variable is ``RTG_`` + the upper-cased
+name and the flag is ``--`` + the name with dashes. A flag beats the
+environment, the environment beats the default.
 
-This module imports nothing else from the package.
+Invalid input raises :exc:`~rtgateway.errors.ConfigError`, whose message
+names the setting as the operator gave it (``RTG_X`` or ``--x``) and what it
+accepts; an ``RTG_*`` variable that is no setting is refused too, with the
+nearest name ("did you mean"), rather than ignored: ``RTG_MAX_CONECTIONS=5``
+must not start a gateway without a limit. ``__main__`` turns either into exit
+status 2.
+
+This module imports only the pure modules :mod:`~rtgateway.errors` and
+:mod:`~rtgateway.protocol` (for the slow-consumer policy names, which are
+part of the wire protocol).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import math
 import os
 import re
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+from .protocol import POLICIES
 
 __all__ = [
-    "POLICIES",
     "SETTINGS",
     "Config",
     "ConfigError",
@@ -33,19 +44,9 @@ __all__ = [
     "parse_addr",
 ]
 
-POLICIES = ("disconnect", "drop_oldest", "drop_newest")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "console")
-
-
-class ConfigError(ValueError):
-    """An invalid setting. ``str()`` is the one line shown to the operator."""
-
-    def __init__(self, env: str, accepted: str, value: str) -> None:
-        self.env = env
-        self.accepted = accepted
-        self.value = value
-        super().__init__(f"{env}: expected {accepted}, got {value!r}")
+T = TypeVar("T")
 
 
 # Converters: str -> value, raising ValueError with what is accepted.
@@ -176,11 +177,20 @@ def _log_format(text: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
+    """One setting as the command line and the environment see it."""
+
     name: str
     convert: Callable[[str], Any]
-    default: str
+    default: str  # the default as it would be written in RTG_*
     help: str
     metavar: str = ""
+
+
+def setting(default: T, convert: Callable[[str], T], help: str, metavar: str = "") -> T:
+    """A field of :class:`Config`: its default, and how ``RTG_*`` and flags give it."""
+    meta = {"convert": convert, "help": help, "metavar": metavar}
+    field: T = dataclasses.field(default=default, metadata=meta)
+    return field
 
 
 def env_name(name: str) -> str:
@@ -191,229 +201,169 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("addr", _addr, ":8083", "listen address: :PORT, HOST:PORT or [IPV6]:PORT", "ADDR"),
-    Setting(
-        "api_addr",
-        _optional_addr,
-        "127.0.0.1:8084",
-        "publish API listen address; empty turns it off",
-        "ADDR",
-    ),
-    Setting("api_token", str, "", "bearer token the API requires; empty = none", "TOKEN"),
-    Setting("log_level", _choice(LOG_LEVELS), "info", "debug | info | warning | error", "LEVEL"),
-    Setting(
-        "log_format",
-        _log_format,
-        "auto",
-        "json | console | auto (console on a terminal, else json)",
-        "FORMAT",
-    ),
-    Setting(
-        "max_connections",
-        _int_at_least(0),
-        "0",
-        "WebSocket connections before handshakes get 503; 0 derives it from the open-files limit",
-        "N",
-    ),
-    Setting(
-        "max_connections_per_address",
-        _int_at_least(0),
-        "4096",
-        "WebSocket connections from one source address (IPv6: its /64) before its handshakes "
-        "get 503; 0 = no limit",
-        "N",
-    ),
-    Setting(
-        "max_pending_handshakes",
-        _int_at_least(0),
-        "0",
-        "sockets that have not finished a handshake; past it a new one evicts the oldest; "
-        "0 derives it: the connection limit, at most 4096",
-        "N",
-    ),
-    Setting(
-        "max_pending_handshakes_per_address",
-        _int_at_least(0),
-        "64",
-        "the same, from one source address (IPv6: its /64); 0 = no limit",
-        "N",
-    ),
-    Setting(
-        "first_byte_timeout_s",
-        _seconds(0, allow_zero=False),
-        "3",
-        "close a socket that sends nothing for this long after it connects, seconds",
-    ),
-    Setting("max_message_bytes", _int_at_least(128), "65536", "largest client message, bytes"),
-    Setting("ping_interval_s", _seconds(), "20", "WebSocket ping interval, seconds (0 = off)"),
-    Setting("ping_timeout_s", _seconds(), "20", "close a peer that misses a pong for this long, s"),
-    Setting("open_timeout_s", _seconds(0, allow_zero=False), "10", "handshake deadline, seconds"),
-    Setting(
-        "close_timeout_s",
-        _seconds(0, allow_zero=False),
-        "5",
-        "wait this long for a closing handshake before aborting, seconds",
-    ),
-    Setting(
-        "drain_timeout_s",
-        _seconds(0, allow_zero=False),
-        "30",
-        "on SIGTERM, wait this long for connections to close before aborting, seconds",
-    ),
-    Setting(
-        "drain_window_s",
-        _seconds(),
-        "5",
-        "spread the 1012 closes over this window (must be < drain timeout), seconds",
-    ),
-    Setting(
-        "reconnect_delay_ms",
-        _int_at_least(0),
-        "1000",
-        "reconnect delay advertised with 1012 after the drain window; jittered, ms",
-    ),
-    Setting("backlog", _int_at_least(1), "4096", "listen backlog, connections", "N"),
-    Setting(
-        "allowed_origins",
-        _origins,
-        "",
-        "comma-separated Origin values allowed on /ws; empty allows any",
-        "ORIGINS",
-    ),
-    Setting(
-        "publish_requires_join",
-        _bool,
-        "true",
-        "only members may publish to a room",
-        "BOOL",
-    ),
-    Setting(
-        "socket_sndbuf_bytes",
-        _int_at_least(0),
-        "0",
-        "kernel send buffer per connection (SO_SNDBUF), bytes; 0 lets the kernel size it",
-    ),
-    Setting("max_rooms_per_connection", _int_at_least(1), "128", "rooms one connection may join"),
-    Setting(
-        "max_rooms",
-        _int_at_least(1),
-        "100000",
-        "rooms in this process; a join that would open one more gets room_limit",
-    ),
-    Setting("outbox_max_messages", _int_at_least(1), "1024", "frames queued per connection"),
-    Setting("outbox_max_bytes", _int_at_least(1024), "1048576", "bytes queued per connection"),
-    Setting(
-        "slow_consumer_policy",
-        _choice(POLICIES),
-        "disconnect",
-        "when an outbox is full: disconnect (close 4008) | drop_oldest | drop_newest",
-        "POLICY",
-    ),
-    Setting(
-        "slow_consumer_policies",
-        _choices_list(POLICIES),
-        ",".join(POLICIES),
-        "policies a client may choose per room at join time",
-        "LIST",
-    ),
-    Setting(
-        "rate_limit_msgs_per_s",
-        _positive_float,
-        "100",
-        "inbound messages per second, per connection",
-    ),
-    Setting("rate_limit_burst", _int_at_least(1), "200", "inbound message burst, messages"),
-    Setting(
-        "rate_limit_bytes_per_s",
-        _int_at_least(0),
-        "1048576",
-        "inbound bytes per second, per connection (0 = off)",
-    ),
-    Setting(
-        "rate_limit_max_rejected",
-        _int_at_least(1),
-        "50",
-        "rate-limited messages within 10 s before the connection is closed 1008",
-    ),
-    Setting(
-        "stats_interval_s", _seconds(), "60", "period of the stats log line, seconds (0 = off)"
-    ),
-    Setting("demo", _bool, "true", "serve the demo page at /", "BOOL"),
-    Setting(
-        "workers",
-        _int_at_least(1),
-        "1",
-        "gateway processes sharing the port (SO_REUSEPORT); > 1 needs RTG_BROKER_URL",
-        "N",
-    ),
-    Setting(
-        "broker_url",
-        _broker_url,
-        "",
-        "Redis that carries publications between workers and hosts: redis://HOST:PORT[/DB]; "
-        "empty = this process only",
-        "URL",
-    ),
-    Setting(
-        "broker_timeout_s",
-        _seconds(0, allow_zero=False),
-        "2",
-        "how long Redis may take to take a publication or confirm a join, seconds",
-    ),
-    Setting(
-        "broker_room_ttl_s",
-        _seconds(1),
-        "600",
-        "a room's seq counter is kept in Redis this long after its last member anywhere, s",
-    ),
-)
-
-_BY_NAME = {s.name: s for s in SETTINGS}
+def _written(value: Any) -> str:
+    """A default as an operator would write it in ``RTG_*``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Effective settings. Field names carry their unit (``_s``, ``_bytes``, ``_ms``)."""
 
-    addr: str = ":8083"
-    api_addr: str = "127.0.0.1:8084"
-    api_token: str = ""
-    log_level: str = "info"
-    log_format: str = "auto"
-    max_connections: int = 0
-    max_connections_per_address: int = 4096
-    max_pending_handshakes: int = 0
-    max_pending_handshakes_per_address: int = 64
-    first_byte_timeout_s: float = 3.0
-    max_message_bytes: int = 65536
-    ping_interval_s: float = 20.0
-    ping_timeout_s: float = 20.0
-    open_timeout_s: float = 10.0
-    close_timeout_s: float = 5.0
-    drain_timeout_s: float = 30.0
-    drain_window_s: float = 5.0
-    reconnect_delay_ms: int = 1000
-    backlog: int = 4096
-    allowed_origins: tuple[str, ...] = ()
-    publish_requires_join: bool = True
-    socket_sndbuf_bytes: int = 0
-    max_rooms_per_connection: int = 128
-    max_rooms: int = 100000
-    outbox_max_messages: int = 1024
-    outbox_max_bytes: int = 1048576
-    slow_consumer_policy: str = "disconnect"
-    slow_consumer_policies: tuple[str, ...] = POLICIES
-    rate_limit_msgs_per_s: float = 100.0
-    rate_limit_burst: int = 200
-    rate_limit_bytes_per_s: int = 1048576
-    rate_limit_max_rejected: int = 50
-    stats_interval_s: float = 60.0
-    demo: bool = True
-    workers: int = 1
-    broker_url: str = ""
-    broker_timeout_s: float = 2.0
-    broker_room_ttl_s: float = 600.0
+    addr: str = setting(":8083", _addr, "listen address: :PORT, HOST:PORT or [IPV6]:PORT", "ADDR")
+    api_addr: str = setting(
+        "127.0.0.1:8084", _optional_addr, "publish API listen address; empty turns it off", "ADDR"
+    )
+    api_token: str = setting("", str, "bearer token the API requires; empty = none", "TOKEN")
+    log_level: str = setting(
+        "info", _choice(LOG_LEVELS), "debug | info | warning | error", "LEVEL"
+    )
+    log_format: str = setting(
+        "auto", _log_format, "json | console | auto (console on a terminal, else json)", "FORMAT"
+    )
+    max_connections: int = setting(
+        0,
+        _int_at_least(0),
+        "WebSocket connections before handshakes get 503; 0 derives it from the open-files limit",
+        "N",
+    )
+    max_connections_per_address: int = setting(
+        4096,
+        _int_at_least(0),
+        "WebSocket connections from one source address (IPv6: its /64) before its handshakes "
+        "get 503; 0 = no limit",
+        "N",
+    )
+    max_pending_handshakes: int = setting(
+        0,
+        _int_at_least(0),
+        "sockets that have not finished a handshake; past it a new one evicts the oldest; "
+        "0 derives it: the connection limit, at most 4096",
+        "N",
+    )
+    max_pending_handshakes_per_address: int = setting(
+        64,
+        _int_at_least(0),
+        "the same, from one source address (IPv6: its /64); 0 = no limit",
+        "N",
+    )
+    first_byte_timeout_s: float = setting(
+        3.0,
+        _seconds(0, allow_zero=False),
+        "close a socket that sends nothing for this long after it connects, seconds",
+    )
+    max_message_bytes: int = setting(65536, _int_at_least(128), "largest client message, bytes")
+    ping_interval_s: float = setting(
+        20.0, _seconds(), "WebSocket ping interval, seconds (0 = off)"
+    )
+    ping_timeout_s: float = setting(
+        20.0, _seconds(), "close a peer that misses a pong for this long, s"
+    )
+    open_timeout_s: float = setting(
+        10.0, _seconds(0, allow_zero=False), "handshake deadline, seconds"
+    )
+    close_timeout_s: float = setting(
+        5.0,
+        _seconds(0, allow_zero=False),
+        "wait this long for a closing handshake before aborting, seconds",
+    )
+    drain_timeout_s: float = setting(
+        30.0,
+        _seconds(0, allow_zero=False),
+        "on SIGTERM, wait this long for connections to close before aborting, seconds",
+    )
+    drain_window_s: float = setting(
+        5.0,
+        _seconds(),
+        "spread the 1012 closes over this window (must be < drain timeout), seconds",
+    )
+    reconnect_delay_ms: int = setting(
+        1000,
+        _int_at_least(0),
+        "reconnect delay advertised with 1012 after the drain window; jittered, ms",
+    )
+    backlog: int = setting(4096, _int_at_least(1), "listen backlog, connections", "N")
+    allowed_origins: tuple[str, ...] = setting(
+        (),
+        _origins,
+        "comma-separated Origin values allowed on /ws; empty allows any",
+        "ORIGINS",
+    )
+    publish_requires_join: bool = setting(
+        True, _bool, "only members may publish to a room", "BOOL"
+    )
+    socket_sndbuf_bytes: int = setting(
+        0,
+        _int_at_least(0),
+        "kernel send buffer per connection (SO_SNDBUF), bytes; 0 lets the kernel size it",
+    )
+    max_rooms_per_connection: int = setting(
+        128, _int_at_least(1), "rooms one connection may join"
+    )
+    max_rooms: int = setting(
+        100000,
+        _int_at_least(1),
+        "rooms in this process; a join that would open one more gets room_limit",
+    )
+    outbox_max_messages: int = setting(1024, _int_at_least(1), "frames queued per connection")
+    outbox_max_bytes: int = setting(1048576, _int_at_least(1024), "bytes queued per connection")
+    slow_consumer_policy: str = setting(
+        "disconnect",
+        _choice(POLICIES),
+        "when an outbox is full: disconnect (close 4008) | drop_oldest | drop_newest",
+        "POLICY",
+    )
+    slow_consumer_policies: tuple[str, ...] = setting(
+        POLICIES,
+        _choices_list(POLICIES),
+        "policies a client may choose per room at join time",
+        "LIST",
+    )
+    rate_limit_msgs_per_s: float = setting(
+        100.0, _positive_float, "inbound messages per second, per connection"
+    )
+    rate_limit_burst: int = setting(200, _int_at_least(1), "inbound message burst, messages")
+    rate_limit_bytes_per_s: int = setting(
+        1048576, _int_at_least(0), "inbound bytes per second, per connection (0 = off)"
+    )
+    rate_limit_max_rejected: int = setting(
+        50,
+        _int_at_least(1),
+        "rate-limited messages within 10 s before the connection is closed 1008",
+    )
+    stats_interval_s: float = setting(
+        60.0, _seconds(), "period of the stats log line, seconds (0 = off)"
+    )
+    demo: bool = setting(True, _bool, "serve the demo page at /", "BOOL")
+    workers: int = setting(
+        1,
+        _int_at_least(1),
+        "gateway processes sharing the port (SO_REUSEPORT); > 1 needs RTG_BROKER_URL",
+        "N",
+    )
+    broker_url: str = setting(
+        "",
+        _broker_url,
+        "Redis that carries publications between workers and hosts: redis://HOST:PORT[/DB]; "
+        "empty = this process only",
+        "URL",
+    )
+    broker_timeout_s: float = setting(
+        2.0,
+        _seconds(0, allow_zero=False),
+        "how long Redis may take to take a publication or confirm a join, seconds",
+    )
+    broker_room_ttl_s: float = setting(
+        600.0,
+        _seconds(1),
+        "a room's seq counter is kept in Redis this long after its last member anywhere, s",
+    )
 
     def __post_init__(self) -> None:
         if self.workers > 1 and not self.broker_url:
@@ -457,27 +407,60 @@ class Config:
         return fields
 
 
-def convert(name: str, raw: str) -> Any:
-    """Convert one raw value, raising :exc:`ConfigError` on bad input."""
-    setting = _BY_NAME[name]
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(
+        field.name,
+        field.metadata["convert"],
+        _written(field.default),
+        field.metadata["help"],
+        field.metadata["metavar"],
+    )
+    for field in dataclasses.fields(Config)
+)
+_BY_NAME = {s.name: s for s in SETTINGS}
+_BY_ENV = {env_name(s.name): s for s in SETTINGS}
+
+
+def convert(name: str, raw: str, given_as: str | None = None) -> Any:
+    """Convert one raw value, raising :exc:`ConfigError` (named ``given_as``) on bad input."""
     try:
-        return setting.convert(raw)
+        return _BY_NAME[name].convert(raw)
     except ValueError as exc:
-        raise ConfigError(env_name(name), str(exc), raw) from None
+        raise ConfigError(given_as or env_name(name), str(exc), raw) from None
+
+
+def unknown(variable: str) -> ConfigError:
+    """The error for an ``RTG_*`` variable that is no setting, with the nearest one."""
+    # Compared without the shared prefix, which would make every name look near.
+    near = difflib.get_close_matches(variable[4:].lower(), _BY_NAME, n=1, cutoff=0.75)
+    hint = f"did you mean {env_name(near[0])}?" if near else "rtgateway --help lists them"
+    message = f"{variable}: no such setting; {hint}"
+    return ConfigError(variable, "a setting", variable, message=message)
 
 
 def load(
-    environ: Mapping[str, str] | None = None, flags: Mapping[str, str | None] | None = None
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, str | None] | None = None,
+    *,
+    internal: Collection[str] = (),
 ) -> Config:
-    """Build a :class:`Config` from defaults, then ``environ``, then ``flags``."""
+    """Build a :class:`Config` from defaults, then ``environ``, then ``flags``.
+
+    Every ``RTG_*`` variable of ``environ`` must be a setting, or one of
+    ``internal`` (those the supervisor gives its workers).
+    """
     environ = os.environ if environ is None else environ
     flags = flags or {}
+    for variable in sorted(environ):
+        if variable.startswith("RTG_") and variable not in _BY_ENV and variable not in internal:
+            raise unknown(variable)
     values: dict[str, Any] = {}
-    for setting in SETTINGS:
-        raw = flags.get(setting.name)
-        if raw is None:
-            raw = environ.get(env_name(setting.name))
-        if raw is None:
+    for item in SETTINGS:
+        raw = flags.get(item.name)
+        if raw is not None:
+            values[item.name] = convert(item.name, raw, flag_name(item.name))
             continue
-        values[setting.name] = convert(setting.name, raw)
+        raw = environ.get(env_name(item.name))
+        if raw is not None:
+            values[item.name] = convert(item.name, raw)
     return Config(**values)

@@ -1,7 +1,7 @@
 """The room protocol: parse client messages, encode server messages and frames.
 
 Pure functions and plain data: no asyncio, no sockets, nothing from the rest
-of the package. Everything a client can send goes through :func:`parse`, which
+of the package but its exceptions. Everything a client can send goes through :func:`parse`, which
 returns one of :class:`Join`, :class:`Leave`, :class:`Publish`, :class:`Ping`
 or raises :exc:`ProtocolError` carrying an error code from :data:`ERROR_CODES`.
 
@@ -18,6 +18,8 @@ import math
 import re
 import struct
 from typing import Any, Final
+
+from .errors import ProtocolError
 
 __all__ = [
     "ERROR_CODES",
@@ -65,21 +67,6 @@ MAX_SAFE_INTEGER: Final = 2**53 - 1
 ROOM_RE: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 
 MessageId = int | str | None
-
-
-class ProtocolError(Exception):
-    """A client message the gateway refuses; the connection stays open.
-
-    ``code`` is one of :data:`ERROR_CODES`, ``message`` is safe to show to the
-    client, ``id`` is the request id when one could be read.
-    """
-
-    def __init__(self, code: str, message: str, id: MessageId = None) -> None:
-        assert code in ERROR_CODES, code
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.id = id
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -48,6 +48,8 @@ __all__ = [
 INDEX_ENV = "RTG_WORKER_INDEX"
 DIR_ENV = "RTG_WORKER_DIR"
 ADDR_ENV = "RTG_WORKER_ADDR"
+# What the supervisor tells its workers; not settings (config.load accepts them).
+ENVIRONMENT = (INDEX_ENV, DIR_ENV, ADDR_ENV)
 FETCH_TIMEOUT_S = 0.5
 REQUEST_TIMEOUT_S = 1.0  # a client of the private socket that sends no request line
 MAX_REPLY_BYTES = 64 * 1024 * 1024

@@ -8,8 +8,8 @@ A WebSocket member in the room of the document's examples sees what was
 published there, in ``seq`` order.
 
 The number of examples is bounded so the run stays well under a minute; the
-seed is fixed so a run is reproducible. ``RTG_API_FUZZ_SEED`` and
-``RTG_API_FUZZ_EXAMPLES`` explore further.
+seed is fixed so a run is reproducible. ``API_FUZZ_SEED`` and
+``API_FUZZ_EXAMPLES`` explore further.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from rtgateway.client import Client
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "docs" / "api.yaml"
 TOKEN = "fuzz-token"
-SEED = os.environ.get("RTG_API_FUZZ_SEED", "20241128")
-MAX_EXAMPLES = os.environ.get("RTG_API_FUZZ_EXAMPLES", "50")
+SEED = os.environ.get("API_FUZZ_SEED", "20241128")
+MAX_EXAMPLES = os.environ.get("API_FUZZ_EXAMPLES", "50")
 RUN_TIMEOUT_S = 240
 
 

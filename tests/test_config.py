@@ -110,3 +110,47 @@ def test_readme_documents_every_setting() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [env_name(s.name) for s in SETTINGS if f"`{env_name(s.name)}`" not in readme]
     assert not missing, f"README.md lacks {missing}"
+
+
+def test_an_unknown_rtg_variable_is_refused_with_the_nearest_name() -> None:
+    """A misspelt setting stops the gateway instead of being ignored."""
+    result = cli(env={"RTG_MAX_CONECTIONS": "5"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "rtgateway: error: RTG_MAX_CONECTIONS: no such setting; did you mean RTG_MAX_CONNECTIONS?"
+    ]
+
+
+def test_an_unknown_rtg_variable_with_no_near_name_points_at_help() -> None:
+    """Without a near name the error says where the names are."""
+    with pytest.raises(ConfigError) as info:
+        load({"RTG_FOO": "1"})
+    assert str(info.value) == "RTG_FOO: no such setting; rtgateway --help lists them"
+
+
+def test_the_supervisors_variables_for_its_workers_are_accepted() -> None:
+    """RTG_WORKER_* are what a supervisor tells a worker, not settings to refuse."""
+    from rtgateway.worker import ENVIRONMENT
+
+    config = load(dict.fromkeys(ENVIRONMENT, "1"), internal=ENVIRONMENT)
+    assert config == load({})
+    with pytest.raises(ConfigError):
+        load(dict.fromkeys(ENVIRONMENT, "1"))
+
+
+def test_a_bad_flag_is_named_as_the_flag() -> None:
+    """The error names what the operator typed: the flag, not its variable."""
+    result = cli("--max-connections", "x")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "rtgateway: error: --max-connections: expected an integer >= 0, got 'x'"
+    )
+
+
+def test_every_default_is_declared_once_and_written_as_rtg_would_take_it() -> None:
+    """The settings table is derived from the dataclass: each default converts back to itself."""
+    from rtgateway.config import Config, convert
+
+    defaults = Config()
+    for setting in SETTINGS:
+        assert convert(setting.name, setting.default) == getattr(defaults, setting.name)

@@ -14,7 +14,7 @@ JSON objects on ``/ws``). Meanwhile a member of another room receives every
 publication of a steady publisher, and afterwards ``/healthz`` says ok, no
 connection is left behind and the log holds no traceback.
 
-Reproduce a run with ``RTG_FUZZ_SEED=<seed>``; ``RTG_FUZZ_CASES`` sets the count.
+Reproduce a run with ``FUZZ_SEED=<seed>``; ``FUZZ_CASES`` sets the count.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ from wire import (
 
 from rtgateway.client import Client
 
-SEED = int(os.environ.get("RTG_FUZZ_SEED", "20261128"))
-CASES = int(os.environ.get("RTG_FUZZ_CASES", "600"))
+SEED = int(os.environ.get("FUZZ_SEED", "20261128"))
+CASES = int(os.environ.get("FUZZ_CASES", "600"))
 CONCURRENCY = 24
 MAX_MESSAGE_BYTES = 8192
 VALID_CLOSE_CODES = {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
@@ -310,7 +310,7 @@ async def test_random_and_mutated_frames_leave_the_gateway_serving() -> None:
                     try:
                         path = await fuzz_case(gw.port or 0, index)
                     except AssertionError as exc:
-                        failures.append(f"case {index} (RTG_FUZZ_SEED={SEED}): {exc}")
+                        failures.append(f"case {index} (FUZZ_SEED={SEED}): {exc}")
                         return
                     paths[path] = paths.get(path, 0) + 1
 
