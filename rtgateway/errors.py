@@ -6,10 +6,10 @@ socket is dropped without a close frame), the reason text, the label it is
 counted under in ``rtgateway_disconnects_total{reason}``, and what a client
 should do next. The codes follow RFC 6455 §7.4:
 
-- **1000–1015** are the protocol's: 1002 protocol error, 1007 invalid UTF-8,
+- **1000-1015** are the protocol's: 1002 protocol error, 1007 invalid UTF-8,
   1008 policy violation (here: the rate limit), 1009 message too large, 1011
   internal error (also websockets' keepalive timeout), 1012 service restart;
-- **4000–4999** are private to an application: 4008 is this gateway's slow
+- **4000-4999** are private to an application: 4008 is this gateway's slow
   consumer (a member whose outbox filled).
 
 ``reconnect`` says whether a well-behaved client reconnects: after 1012 it
