@@ -45,7 +45,8 @@ MAX_EXPOSURE = 2.0
 EXPOSURE_RE = re.compile(r"Overall exposure level for \S+: (\d+\.\d+)")
 CONTAINER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # pip's downloads, kept across runs (the container's own tree is thrown away).
-PIP_CACHE = Path(os.environ.get("RTGATEWAY_CI_CACHE", "/var/cache/rtgateway-ci")) / "systemd-pip-cache"
+CI_CACHE = Path(os.environ.get("RTGATEWAY_CI_CACHE", "/var/cache/rtgateway-ci"))
+PIP_CACHE = CI_CACHE / "systemd-pip-cache"
 WHEELS = "/var/tmp/wheels"
 INSTALL_CMD = ("/src/deploy/install.sh", "install", "--wheels", WHEELS)
 
