@@ -221,9 +221,7 @@ class Config:
         "127.0.0.1:8084", _optional_addr, "publish API listen address; empty turns it off", "ADDR"
     )
     api_token: str = setting("", str, "bearer token the API requires; empty = none", "TOKEN")
-    log_level: str = setting(
-        "info", _choice(LOG_LEVELS), "debug | info | warning | error", "LEVEL"
-    )
+    log_level: str = setting("info", _choice(LOG_LEVELS), "debug | info | warning | error", "LEVEL")
     log_format: str = setting(
         "auto", _log_format, "json | console | auto (console on a terminal, else json)", "FORMAT"
     )
@@ -259,9 +257,7 @@ class Config:
         "close a socket that sends nothing for this long after it connects, seconds",
     )
     max_message_bytes: int = setting(65536, _int_at_least(128), "largest client message, bytes")
-    ping_interval_s: float = setting(
-        20.0, _seconds(), "WebSocket ping interval, seconds (0 = off)"
-    )
+    ping_interval_s: float = setting(20.0, _seconds(), "WebSocket ping interval, seconds (0 = off)")
     ping_timeout_s: float = setting(
         20.0, _seconds(), "close a peer that misses a pong for this long, s"
     )
@@ -295,17 +291,13 @@ class Config:
         "comma-separated Origin values allowed on /ws; empty allows any",
         "ORIGINS",
     )
-    publish_requires_join: bool = setting(
-        True, _bool, "only members may publish to a room", "BOOL"
-    )
+    publish_requires_join: bool = setting(True, _bool, "only members may publish to a room", "BOOL")
     socket_sndbuf_bytes: int = setting(
         0,
         _int_at_least(0),
         "kernel send buffer per connection (SO_SNDBUF), bytes; 0 lets the kernel size it",
     )
-    max_rooms_per_connection: int = setting(
-        128, _int_at_least(1), "rooms one connection may join"
-    )
+    max_rooms_per_connection: int = setting(128, _int_at_least(1), "rooms one connection may join")
     max_rooms: int = setting(
         100000,
         _int_at_least(1),
