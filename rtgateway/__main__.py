@@ -84,6 +84,10 @@ def run(config: Config, worker: WorkerInfo | None = None) -> int:
 
         def on_signal(signum: int) -> None:
             if stop.is_set():
+                if worker is not None:
+                    # Delivered before the first was handled (below).
+                    logger.info("signal_ignored_draining", signal=signal.Signals(signum).name)
+                    return
                 logger.warning("second_signal_exit", signal=signal.Signals(signum).name)
                 os._exit(1)
             logger.info("shutdown_signal", signal=signal.Signals(signum).name)

@@ -23,17 +23,14 @@ from __future__ import annotations
 import heapq
 import hmac
 import json
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs, unquote
 
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
-
 from . import __version__, protocol
 from .config import parse_addr
-from .connection import MESSAGE_ENVELOPE_BYTES
+from .errors import BrokerOutcomeUnknown, BrokerUnavailable
 from .http11 import (
     BODY_TIMEOUT_S,
     HEADER_TIMEOUT_S,
@@ -48,11 +45,9 @@ from .http11 import (
     Response,
     retry_after,
 )
-from .metrics import LATENCY_BUCKETS, Histogram
-from .rooms import BrokerOutcomeUnknown, BrokerUnavailable
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from .state import Context, ServerState
 
 __all__ = [
     "API_ERROR_CODES",
@@ -194,50 +189,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-class ApiMetrics(Collector):
-    """``rtgateway_api_requests_total{endpoint,status}`` and the request-time histogram."""
-
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, str], int] = {}
-        self.seconds = {endpoint: Histogram(LATENCY_BUCKETS) for endpoint in ENDPOINTS}
-
-    def observe(self, endpoint: str, status: int, seconds: float) -> None:
-        key = (endpoint, str(status))
-        self.requests[key] = self.requests.get(key, 0) + 1
-        self.seconds[endpoint].observe(seconds)
-
-    def collect(self) -> Iterable[Metric]:
-        requests = CounterMetricFamily(
-            "rtgateway_api_requests",
-            "Publish API requests answered, by route template and HTTP status.",
-            labels=["endpoint", "status"],
-        )
-        for (endpoint, status), count in sorted(self.requests.items()):
-            requests.add_metric([endpoint, status], count)
-        yield requests
-        seconds = HistogramMetricFamily(
-            "rtgateway_api_request_seconds",
-            "From a request's head being read to its response being written.",
-            labels=["endpoint"],
-        )
-        for endpoint, histogram in self.seconds.items():
-            running = 0
-            buckets = []
-            for bound, count in zip(
-                (*histogram.bounds, float("inf")), histogram.counts, strict=True
-            ):
-                running += count
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
-            seconds.add_metric([endpoint], buckets, histogram.sum)
-        yield seconds
-
-
 class ApiServer:
     """The publish API's listener: an :class:`~rtgateway.http11.HttpServer` answered here."""
 
     def __init__(
         self,
-        gateway: Gateway,
+        ctx: Context,
+        state: ServerState,
         *,
         addr: str | None = None,
         max_connections: int = MAX_CONNECTIONS,
@@ -246,21 +204,21 @@ class ApiServer:
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         write_timeout_s: float = WRITE_TIMEOUT_S,
     ) -> None:
-        self.gateway = gateway
-        self.config = gateway.config
-        self.log = gateway.log.bind(listener="api")
+        self.ctx = ctx
+        self.state = state
+        self.config = ctx.config
+        self.log = ctx.log.bind(listener="api")
         self.addr = self.config.api_addr if addr is None else addr
         self.token = self.config.api_token.encode()
         self.max_body_bytes = self.config.max_message_bytes
         self.max_batch_bytes = BATCH_BODY_FACTOR * self.config.max_message_bytes
         self.spec = (resources.files("rtgateway") / "static" / "api.yaml").read_bytes()
-        self.metrics = ApiMetrics()
         self.addresses: list[str] = []
         self.http = HttpServer(
             self,
             name="API",
             log=self.log,
-            server_name=gateway.server_name,
+            server_name=ctx.server_name,
             max_connections=max_connections,
             header_timeout_s=header_timeout_s,
             body_timeout_s=body_timeout_s,
@@ -277,7 +235,7 @@ class ApiServer:
         host, port = parse_addr(self.addr)
         await self.http.start(host or None, port, backlog=min(self.config.backlog, 1024))
         self.addresses = self.http.addresses
-        self.gateway.metrics.registry.register(self.metrics)
+        self.ctx.metrics.api_started(ENDPOINTS)
         if not self.token and not all(_is_loopback(a) for a in self.addresses):
             self.log.warning(
                 "api_unprotected",
@@ -290,7 +248,7 @@ class ApiServer:
         if self.http.server is None:
             return
         connections, aborted = await self.http.stop()
-        self.gateway.metrics.registry.unregister(self.metrics)
+        self.ctx.metrics.api_stopped()
         self.log.info("api_stopped", connections=connections, aborted=aborted)
 
     # What the HTTP layer asks of its handler.
@@ -299,10 +257,10 @@ class ApiServer:
         return ApiError.from_http(error).response()
 
     def observe(self, request: Request | None, status: int, seconds: float) -> None:
-        self.metrics.observe(request.endpoint if request else OTHER, status, seconds)
+        self.ctx.metrics.api_request(request.endpoint if request else OTHER, status, seconds)
 
     def keep_alive(self) -> bool:
-        return not self.gateway.draining
+        return not self.state.draining
 
     async def handle(self, request: Request, read_body: BodyReader, started: float) -> Response:
         endpoint, room = route(request.path)
@@ -353,7 +311,7 @@ class ApiServer:
             )
 
     def _refuse_while_draining(self) -> None:
-        if self.gateway.draining:
+        if self.state.draining:
             raise ApiError(
                 "draining",
                 "the gateway is shutting down; publish to another instance",
@@ -379,7 +337,7 @@ class ApiServer:
         except protocol.ProtocolError as exc:
             raise ApiError(exc.code, exc.message, index=index) from None
         limit = self.config.max_message_bytes
-        if len(data) + len(room) + MESSAGE_ENVELOPE_BYTES > limit:
+        if len(data) + len(room) + protocol.MESSAGE_ENVELOPE_BYTES > limit:
             # Members may hold the same size limit as the gateway.
             raise ApiError(
                 "message_too_large",
@@ -391,7 +349,7 @@ class ApiServer:
     async def _publish(self, body: Any, started: float) -> Response:
         room, data = self._publication(body)
         try:
-            seq = await self.gateway.hub.publish(room, data, started=started)
+            seq = await self.ctx.hub.publish(room, data, started=started)
         except BrokerUnavailable:
             raise ApiError(
                 "unavailable",
@@ -412,7 +370,7 @@ class ApiServer:
             raise ApiError("bad_message", f"at most {MAX_BATCH_ITEMS} publications per batch")
         # Validate all first: a bad batch publishes nothing.
         publications = [self._publication(item, index) for index, item in enumerate(body)]
-        hub, flusher = self.gateway.hub, self.gateway.flusher
+        hub, flusher = self.ctx.hub, self.ctx.flusher
         outcomes: list[Awaitable[int] | Exception] = []
         for room, data in publications:
             # A burst is spread over loop iterations once it weighs (outbox.py).
@@ -440,7 +398,7 @@ class ApiServer:
     def _room(self, room: str) -> Response:
         if not protocol.valid_room(room):
             raise ApiError("invalid_room", "room must be 1-128 characters of A-Z a-z 0-9 _ . : -")
-        return Response.json(200, {"room": room, "members": self.gateway.hub.members(room)})
+        return Response.json(200, {"room": room, "members": self.ctx.hub.members(room)})
 
     def _rooms(self, query: str) -> Response:
         try:
@@ -468,7 +426,7 @@ class ApiServer:
             cursor = params["cursor"][0]
             if not protocol.valid_room(cursor):
                 raise ApiError("bad_request", "cursor must be the next_cursor of a page")
-        hub = self.gateway.hub
+        hub = self.ctx.hub
         after = (name for name in hub.rooms if cursor is None or name > cursor)
         names = heapq.nsmallest(limit + 1, after)
         page = names[:limit]
@@ -477,15 +435,15 @@ class ApiServer:
         return Response.json(200, {"rooms": rooms, "next_cursor": next_cursor})
 
     def _info(self) -> Response:
-        gateway = self.gateway
+        ctx = self.ctx
         return Response.json(
             200,
             {
-                "server": gateway.server_name,
+                "server": ctx.server_name,
                 "version": __version__,
-                "connections": gateway.metrics.connections_current,
-                "rooms": len(gateway.hub.rooms),
-                "draining": gateway.draining,
+                "connections": ctx.metrics.connections_current,
+                "rooms": len(ctx.hub.rooms),
+                "draining": self.state.draining,
             },
         )
 

@@ -1,17 +1,26 @@
 """Wiring and lifecycle: start, serve until a shutdown trigger fires, drain, stop.
 
+:class:`Gateway` builds the parts (metrics, hub, broker) and, at start, the
+:class:`~rtgateway.state.Context` and :class:`~rtgateway.state.ServerState`
+that every connection, route and the API are given; nothing below this module
+holds the gateway. Only ``__main__`` (and tests) import it.
+
 :meth:`Gateway.serve` runs until the awaitable it is given returns (the CLI
-passes an event set by SIGTERM, SIGINT or SIGHUP; tests pass their own), then
-drains:
+passes an event set by SIGTERM, SIGINT or SIGHUP; tests pass their own). Each
+part that starts registers how it stops on one ``AsyncExitStack``, so a start
+that fails half-way (the API's port is taken, say) stops what had started, in
+reverse order; :meth:`Gateway.stop` is idempotent. Stopping, in order:
 
 1. stop admitting: ``/healthz`` answers 503, handshakes get 503, systemd is
    told ``STOPPING=1``;
 2. close open connections with 1012 in paced batches over
    ``drain_window_s``, each with its own reconnect delay, so a fleet does not
    come back in one burst;
-3. wait for the handlers until ``drain_timeout_s``, then abort the rest and
-   log how many;
-4. close the listener and cancel the background tasks.
+3. wait for the sessions until ``drain_timeout_s``, then abort the rest and
+   the sockets that never finished a handshake, and log how many;
+4. stop the parts in reverse order of their start: the worker socket, the
+   broker, the background tasks (logged with how many were cancelled), the
+   publish API, the listener.
 """
 
 from __future__ import annotations
@@ -34,12 +43,14 @@ from . import __version__
 from .admission import Admission
 from .api import ApiServer
 from .config import Config
-from .connection import SERVICE_RESTART, GatewayConnection, serve_connection
+from .connection import GatewayConnection, serve_connection
+from .errors import DRAIN
 from .http import load_static, process_request, process_response
 from .log import get_logger
 from .metrics import Metrics
-from .outbox import Flusher, Outbox
+from .outbox import Flusher
 from .rooms import Hub
+from .state import Context, Limits, ServerState
 from .systemd import Notifier, watchdog_interval
 from .worker import HostMetrics, WorkerInfo, WorkerSocket
 
@@ -83,71 +94,45 @@ class Gateway:
         self.worker = worker  # None: a single-process gateway
         self.log = get_logger()
         self.metrics = Metrics(version=__version__, websockets_version=websockets_version)
-        self.hub = Hub(self.metrics, join_timeout_s=config.broker_timeout_s)
         self.broker: RedisBroker | None = None
         if config.broker_url:
             from .broker import RedisBroker  # only deployments with Redis import redis
 
             self.broker = RedisBroker(
-                self.hub,
                 config.broker_url,
                 self.metrics,
                 self.log,
                 timeout_s=config.broker_timeout_s,
                 room_ttl_s=config.broker_room_ttl_s,
             )
-            self.hub.broker = self.broker
-            self.metrics.broker_connected = False
-        self.worker_socket: WorkerSocket | None = None
-        self.last_tick = time.monotonic()  # the event loop's heartbeat, for the supervisor
+            self.metrics.broker_state(connected=False)
+        self.hub = Hub(self.metrics, self.broker, join_timeout_s=config.broker_timeout_s)
         self.notifier = notifier or Notifier()
-        self.static = load_static() if config.demo else {}
         self.server_name = f"rtgateway/{__version__}"
-        self.outboxes: set[Outbox] = set()  # one per open WebSocket
-        self.sessions_done = asyncio.Event()  # set whenever outboxes becomes empty
-        self.connections: set[GatewayConnection] = set()  # every accepted socket
-        self.admission: Admission[GatewayConnection] = Admission(
-            max_pending=config.max_pending_handshakes,  # 0: derived in _limits()
-            max_pending_per_address=config.max_pending_handshakes_per_address,
-            max_connections_per_address=config.max_connections_per_address,
-        )
-        self.metrics.pending_hook = lambda: self.admission.pending
-        self.draining = False
+        self.last_tick = time.monotonic()  # the event loop's heartbeat, for the supervisor
         self.ready = asyncio.Event()
         self.addresses: list[str] = []
+        # Made by start():
+        self.ctx: Context | None = None
+        self.state: ServerState | None = None
         self.server: Server | None = None
         self.api: ApiServer | None = None
-        self.flusher: Flusher
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.max_connections = 0
-        self.max_sockets = 0
-        self.max_write_buffer_bytes = config.outbox_max_bytes + WRITE_LIMIT_BYTES + 64 * 1024
-        self.hello_limits = {
-            "max_message_bytes": config.max_message_bytes,
-            "max_rooms_per_connection": config.max_rooms_per_connection,
-            "rate_limit_msgs_per_s": config.rate_limit_msgs_per_s,
-            "rate_limit_burst": config.rate_limit_burst,
-            "rate_limit_bytes_per_s": config.rate_limit_bytes_per_s,
-            "outbox_max_messages": config.outbox_max_messages,
-            "outbox_max_bytes": config.outbox_max_bytes,
-            "slow_consumer_policy": config.slow_consumer_policy,
-            "slow_consumer_policies": list(config.slow_consumer_policies),
-            "ping_interval_s": config.ping_interval_s,
-        }
-        # Fields the hello carries besides the limits: which worker answered.
-        self.hello_extra: dict[str, Any] = {} if worker is None else {"worker": worker.index}
+        self.tasks: set[asyncio.Task[None]] = set()  # the background loops
+        self.cancelled = 0  # how many of them the stop cancelled
+        self._stack = contextlib.AsyncExitStack()
+        self._stopping: asyncio.Task[None] | None = None
 
     async def serve(self, shutdown_trigger: Callable[[], Awaitable[Any]]) -> None:
         """Start, run until ``shutdown_trigger()`` returns, then drain and stop."""
-        await self.start()
         try:
+            await self.start()
             await shutdown_trigger()
         finally:
             await self.stop()
 
     # Startup.
 
-    def _limits(self) -> None:
+    def _limits(self, admission: Admission[Any]) -> Limits:
         soft, hard = raise_nofile_limit()
         # Descriptors kept back for the listener, logs, scrapes and 503 answers.
         reserve = max(64, soft // 50)
@@ -157,30 +142,62 @@ class Gateway:
             self.log.warning(
                 "max_connections_clamped", wanted=wanted, max_connections=derived, nofile=soft
             )
-        self.max_connections = min(wanted, derived)
-        # Accepted sockets, of any kind, before a new one is closed at once
-        # (fd_limit): the descriptors less half the reserve, whatever
-        # RTG_MAX_CONNECTIONS says, so that sockets that never finish a
-        # handshake are bounded by their own budget, not by this one.
-        self.max_sockets = derived + reserve // 2
+        max_connections = min(wanted, derived)
         # Pending handshakes: as many as the connections it may hold (a
         # reconnect storm into an empty gateway; each finishes in a round
         # trip), at most MAX_DERIVED_PENDING (~15 KiB each, so ~60 MiB). On a
-        # full gateway the descriptor cap above evicts them sooner.
-        self.admission.max_pending = self.config.max_pending_handshakes or max(
-            16, reserve // 2, min(MAX_DERIVED_PENDING, self.max_connections)
+        # full gateway the descriptor cap below evicts them sooner.
+        admission.max_pending = self.config.max_pending_handshakes or max(
+            16, reserve // 2, min(MAX_DERIVED_PENDING, max_connections)
         )
-        self.metrics.max_connections = self.max_connections
+        limits = Limits(
+            max_connections=max_connections,
+            # Accepted sockets, of any kind, before a new one is closed at once
+            # (fd_limit): the descriptors less half the reserve, whatever
+            # RTG_MAX_CONNECTIONS says, so that sockets that never finish a
+            # handshake are bounded by their own budget, not by this one.
+            max_sockets=derived + reserve // 2,
+            max_write_buffer_bytes=self.config.outbox_max_bytes + WRITE_LIMIT_BYTES + 64 * 1024,
+        )
         self.log.info(
             "limits",
             nofile_soft=soft,
             nofile_hard=hard,
-            max_connections=self.max_connections,
-            max_sockets=self.max_sockets,
-            max_pending_handshakes=self.admission.max_pending,
+            max_connections=limits.max_connections,
+            max_sockets=limits.max_sockets,
+            max_pending_handshakes=admission.max_pending,
+        )
+        return limits
+
+    def _context(self, loop: asyncio.AbstractEventLoop) -> Context:
+        config = self.config
+        return Context(
+            config=config,
+            metrics=self.metrics,
+            hub=self.hub,
+            flusher=Flusher(loop),
+            log=self.log,
+            clock=loop.time,
+            server_name=self.server_name,
+            hello_limits={
+                "max_message_bytes": config.max_message_bytes,
+                "max_rooms_per_connection": config.max_rooms_per_connection,
+                "rate_limit_msgs_per_s": config.rate_limit_msgs_per_s,
+                "rate_limit_burst": config.rate_limit_burst,
+                "rate_limit_bytes_per_s": config.rate_limit_bytes_per_s,
+                "outbox_max_messages": config.outbox_max_messages,
+                "outbox_max_bytes": config.outbox_max_bytes,
+                "slow_consumer_policy": config.slow_consumer_policy,
+                "slow_consumer_policies": list(config.slow_consumer_policies),
+                "ping_interval_s": config.ping_interval_s,
+            },
+            # Which worker answered, in a multi-process gateway.
+            hello_extra={} if self.worker is None else {"worker": self.worker.index},
+            static=load_static() if config.demo else {},
         )
 
     async def start(self) -> None:
+        """Start every part; each registers how it stops (see :meth:`stop`)."""
         config = self.config
         loop = asyncio.get_running_loop()
         self.log.info(
@@ -191,26 +208,51 @@ class Gateway:
             loop=type(loop).__module__,
             config=config.as_log_fields(),
         )
-        self._limits()
-        self.flusher = Flusher(loop)
+        admission: Admission[GatewayConnection] = Admission(
+            max_pending=config.max_pending_handshakes,  # 0: derived in _limits()
+            max_pending_per_address=config.max_pending_handshakes_per_address,
+            max_connections_per_address=config.max_connections_per_address,
+        )
+        state = self.state = ServerState(self._limits(admission), admission)
+        ctx = self.ctx = self._context(loop)
+        self.metrics.live = state
+        await self._serve_websockets(ctx, state)
+        api_addresses: list[str] = []
+        # One publish API per host: worker 0 serves it (publications reach
+        # every worker through the broker).
+        if config.api_addr and (self.worker is None or self.worker.index == 0):
+            self.api = ApiServer(ctx, state)
+            await self.api.start()
+            self._stack.push_async_callback(self.api.stop)
+            api_addresses = self.api.addresses
+        self._start_background(ctx)
         if self.broker is not None:
-            self.broker.flusher = self.flusher
+            await self._connect_broker(self.broker, ctx)
+        if self.worker is not None:
+            await self._serve_worker_socket(self.worker)
+        self.notifier.notify("READY=1", f"STATUS=serving 0 connections on {config.addr}")
+        self.log.info("gateway_listening", addresses=self.addresses, api_addresses=api_addresses)
+        self.ready.set()
+
+    async def _serve_websockets(self, ctx: Context, state: ServerState) -> None:
+        config = ctx.config
         host, port = config.host_port
-        connection_class = type("BoundGatewayConnection", (GatewayConnection,), {"gateway": self})
-        ping_interval = config.ping_interval_s or None
         self.server = await serve(
-            functools.partial(serve_connection, self),
+            functools.partial(serve_connection, ctx, state),
             host or None,
             port,
-            create_connection=connection_class,
-            process_request=functools.partial(process_request, self),
-            process_response=functools.partial(process_response, self),
-            server_header=self.server_name,
+            # A factory, not a class: websockets calls it as it would the class.
+            create_connection=functools.partial(  # type: ignore[arg-type]
+                GatewayConnection, ctx=ctx, state=state
+            ),
+            process_request=functools.partial(process_request, ctx, state),
+            process_response=functools.partial(process_response, ctx),
+            server_header=ctx.server_name,
             compression=None,  # memory per connection, and decompression bombs
             max_size=config.max_message_bytes,
             max_queue=16,
             write_limit=WRITE_LIMIT_BYTES,
-            ping_interval=ping_interval,
+            ping_interval=config.ping_interval_s or None,
             ping_timeout=config.ping_timeout_s or None,
             open_timeout=config.open_timeout_s,
             close_timeout=config.close_timeout_s,
@@ -218,105 +260,141 @@ class Gateway:
             # Workers share the port; the kernel spreads connections over them.
             reuse_port=config.workers > 1,
         )
+        self._stack.push_async_callback(self._close_listener, self.server)
         self.addresses = [_format_addr(s.getsockname()) for s in self.server.sockets]
-        api_addresses: list[str] = []
-        # One publish API per host: worker 0 serves it (publications reach
-        # every worker through the broker).
-        if config.api_addr and (self.worker is None or self.worker.index == 0):
-            self.api = ApiServer(self)
-            await self.api.start()
-            api_addresses = self.api.addresses
-        for coro in self._background():
-            self._spawn(coro)
-        if self.broker is not None:
-            await self._connect_broker()
-        if self.worker is not None:
-            await self._serve_worker_socket(self.worker)
-        self.notifier.notify("READY=1", f"STATUS=serving 0 connections on {config.addr}")
-        self.log.info("gateway_listening", addresses=self.addresses, api_addresses=api_addresses)
-        self.ready.set()
 
-    async def _connect_broker(self) -> None:
-        assert self.broker is not None
-        self._spawn(self.broker.run())
+    async def _close_listener(self, server: Server) -> None:
+        server.close(close_connections=False)
+        try:
+            await asyncio.wait_for(server.wait_closed(), timeout=2.0)
+        except TimeoutError:
+            self.log.warning("listener_close_timeout")
+
+    async def _connect_broker(self, broker: RedisBroker, ctx: Context) -> None:
+        broker.flusher = ctx.flusher  # deliveries are paced like publications
+        task = asyncio.create_task(broker.run())
+
+        async def stop_broker() -> None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await broker.close()
+
+        self._stack.push_async_callback(stop_broker)
         # Give Redis a moment so that the first publishes do not fail; the
         # gateway serves without it (publishes get ``unavailable``) if not.
         try:
-            await asyncio.wait_for(self.broker.up.wait(), BROKER_START_WAIT_S)
+            await asyncio.wait_for(broker.up.wait(), BROKER_START_WAIT_S)
         except TimeoutError:
             self.log.warning("broker_unavailable_at_start", url=self.config.broker_url)
 
     async def _serve_worker_socket(self, worker: WorkerInfo) -> None:
-        self.worker_socket = WorkerSocket(
+        worker_socket = WorkerSocket(
             worker.socket_path(),
             self.metrics.render,
             lambda: time.monotonic() - self.last_tick,
         )
-        await self.worker_socket.start()
+        await worker_socket.start()
+        self._stack.push_async_callback(worker_socket.stop)
         self.metrics.render_hook = HostMetrics(worker, self.metrics.render).render
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
+    # Background loops: each tick is guarded, so a bug is logged, not fatal.
+
+    def _start_background(self, ctx: Context) -> None:
+        self._every("loop_lag", LAG_SAMPLE_INTERVAL_S, self._sample_loop_lag)
+        self._every("status", STATUS_INTERVAL_S, self._report_status)
+        if self.config.stats_interval_s:
+            self._every("stats", self.config.stats_interval_s, self._log_stats)
+        interval = watchdog_interval()
+        if interval is not None and self.notifier.enabled:
+            self.notifier.notify("WATCHDOG=1")
+            self._every("watchdog", interval, lambda late: self.notifier.notify("WATCHDOG=1"))
+        self._stack.push_async_callback(self._cancel_background)
+
+    def _every(self, name: str, interval_s: float, tick: Callable[[float], None]) -> None:
+        task = asyncio.create_task(self._loop(name, interval_s, tick))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def _background(self) -> list[Any]:
-        coros = [self._sample_loop_lag(), self._report_status()]
-        if self.config.stats_interval_s:
-            coros.append(self._log_stats(self.config.stats_interval_s))
-        interval = watchdog_interval()
-        if interval is not None and self.notifier.enabled:
-            coros.append(self.notifier.watchdog(interval))
-        return coros
+    async def _loop(self, name: str, interval_s: float, tick: Callable[[float], None]) -> None:
+        """Call ``tick(late_s)`` every ``interval_s``; a failing tick is logged, the loop goes on.
 
-    async def _sample_loop_lag(self) -> None:
+        (websockets' ``keepalive()`` has the same guard.)
+        """
         loop = asyncio.get_running_loop()
         while True:
             before = loop.time()
-            await asyncio.sleep(LAG_SAMPLE_INTERVAL_S)
-            self.last_tick = time.monotonic()
-            self.metrics.loop_lag.observe(max(0.0, loop.time() - before - LAG_SAMPLE_INTERVAL_S))
-
-    async def _report_status(self) -> None:
-        while True:
-            await asyncio.sleep(STATUS_INTERVAL_S)
-            if not self.draining:
-                m = self.metrics
-                self.notifier.notify(
-                    f"STATUS=serving {m.connections_current} connections, {m.rooms_current} rooms"
-                )
-
-    async def _log_stats(self, interval_s: float) -> None:
-        while True:
             await asyncio.sleep(interval_s)
+            try:
+                tick(max(0.0, loop.time() - before - interval_s))
+            except Exception:
+                self.log.exception("background_task_failed", task=name)
+
+    async def _cancel_background(self) -> None:
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.cancelled = len(tasks)
+
+    def _sample_loop_lag(self, late_s: float) -> None:
+        self.last_tick = time.monotonic()
+        self.metrics.loop_lag.observe(late_s)
+
+    def _report_status(self, late_s: float) -> None:
+        if self.state is not None and not self.state.draining:
             m = self.metrics
-            self.log.info(
-                "stats",
-                connections=m.connections_current,
-                rooms=m.rooms_current,
-                memberships=m.room_members_current,
-                messages_received=m.messages_received,
-                messages_sent=m.messages_sent,
-                publishes=m.publishes,
-                deliveries=m.deliveries,
-                dropped=sum(m.dropped.values()),
-                outbox_queued_bytes=m.outbox_queued_bytes,
+            self.notifier.notify(
+                f"STATUS=serving {m.connections_current} connections, {m.rooms_current} rooms"
             )
+
+    def _log_stats(self, late_s: float) -> None:
+        m = self.metrics
+        self.log.info(
+            "stats",
+            connections=m.connections_current,
+            rooms=m.rooms_current,
+            memberships=m.room_members_current,
+            messages_received=m.messages_received,
+            messages_sent=m.messages_sent,
+            publishes=m.publishes,
+            deliveries=m.deliveries,
+            dropped=sum(m.dropped.values()),
+            outbox_queued_bytes=self.state.queued_bytes if self.state else 0,
+        )
 
     # Shutdown.
 
     async def stop(self) -> None:
-        if self.server is None:
-            return
+        """Drain and stop; a second call waits for the first to finish."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        closed = aborted = 0
+        if self.state is not None and self.server is not None:
+            closed, aborted = await self._drain(self.state, self.server)
+        # 4. The parts, in reverse order of their start.
+        await self._stack.aclose()
+        self.log.info(
+            "drain_finished",
+            duration_s=round(loop.time() - started, 3),
+            closed=closed,
+            aborted=aborted,
+            background_tasks_cancelled=self.cancelled,
+        )
+
+    async def _drain(self, state: ServerState, server: Server) -> tuple[int, int]:
+        """Steps 1-3: stop admitting, close with 1012, wait, abort the rest."""
         loop = asyncio.get_running_loop()
         config = self.config
-        started = loop.time()
-        deadline = started + config.drain_timeout_s
+        deadline = loop.time() + config.drain_timeout_s
 
         # 1. Stop admitting new work (the publish API answers 503 from now on).
-        self.draining = True
-        self.metrics.draining = True
-        count = len(self.outboxes)
+        state.draining = True
+        count = len(state.outboxes)
         self.notifier.notify("STOPPING=1", f"STATUS=draining {count} connections")
         self.log.info(
             "drain_started",
@@ -326,54 +404,31 @@ class Gateway:
         )
 
         # 2. Close with 1012 in paced batches.
-        await self._close_paced(config.drain_window_s)
+        await self._close_paced(state, config.drain_window_s)
 
         # 3. Wait for the WebSocket sessions, then abort the stragglers, and
         # sockets that never finished a handshake (browsers open spare ones):
         # nothing else would end them before the open timeout.
-        if self.outboxes:
-            self.sessions_done.clear()
+        if state.outboxes:
+            state.sessions_done.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
-                    self.sessions_done.wait(), timeout=max(0.0, deadline - loop.time())
+                    state.sessions_done.wait(), timeout=max(0.0, deadline - loop.time())
                 )
-        aborted = len(self.outboxes)
-        for outbox in list(self.outboxes):
-            outbox.close_reason = outbox.close_reason or "drain"
-        for conn in list(self.connections):
-            conn.transport.abort()
+        aborted = len(state.outboxes)
+        for outbox in list(state.outboxes):
+            outbox.disconnect = outbox.disconnect or DRAIN
+        for sock in list(state.sockets):
+            sock.abort()
         if aborted:
             self.log.warning("drain_aborted", connections=aborted)
-        pending = {t for t in self.server.handler_tasks if not t.done()}
+        pending = {t for t in server.handler_tasks if not t.done()}
         if pending:
             await asyncio.wait(pending, timeout=2.0)
+        return count, aborted
 
-        # 4. Close the listeners and stop the background tasks.
-        if self.api is not None:
-            await self.api.stop()
-        self.server.close(close_connections=False)
-        try:
-            await asyncio.wait_for(self.server.wait_closed(), timeout=2.0)
-        except TimeoutError:
-            self.log.warning("listener_close_timeout")
-        tasks = list(self.tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self.broker is not None:
-            await self.broker.close()
-        if self.worker_socket is not None:
-            await self.worker_socket.stop()
-        self.log.info(
-            "drain_finished",
-            duration_s=round(loop.time() - started, 3),
-            closed=count,
-            aborted=aborted,
-            background_tasks_cancelled=len(tasks),
-        )
-
-    async def _close_paced(self, window_s: float) -> None:
-        outboxes = list(self.outboxes)
+    async def _close_paced(self, state: ServerState, window_s: float) -> None:
+        outboxes = list(state.outboxes)
         if not outboxes:
             return
         loop = asyncio.get_running_loop()
@@ -391,7 +446,7 @@ class Gateway:
             remaining_ms = max(0, round((end - loop.time()) * 1000))
             for outbox in outboxes[start : start + size]:
                 delay = remaining_ms + base + random.randint(0, spread)
-                outbox.close(SERVICE_RESTART, f"service restart; retry_after_ms={delay}", "drain")
+                outbox.close(DRAIN, f"{DRAIN.reason}; retry_after_ms={delay}")
 
 
 def _format_addr(sockname: Any) -> str:

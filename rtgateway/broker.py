@@ -22,7 +22,7 @@ Two connections per process, each with one job:
   joins acknowledged. A PING every second keeps a silent connection honest: a
   Redis that answers nothing for 3 s (hung, or cut off) counts as lost; time
   this process's own event loop spent too busy to read does not count.
-- **Publications** (:class:`_Publisher`). Script calls wait in one queue and
+- **Publications** (:class:`~rtgateway.publisher.Publisher`). Script calls wait in one queue and
   leave in the order they came, pipelined: one write and one round trip for
   everything that waits, on one connection that is checked before each use
   and replaced when stale (a restarted Redis closes it). A call never sent
@@ -47,34 +47,33 @@ once, connections keep being served, and :meth:`RedisBroker.run` reconnects
 with jittered exponential backoff, restores the counters and subscribes to
 every local room again.
 
-This module must not know about connections or sockets; it talks to the
-:class:`~rtgateway.rooms.Hub` only through its methods.
+This module must not know about connections or sockets; it talks to the hub
+only through :class:`~rtgateway.rooms.RoomEvents`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
-import hashlib
 import math
 import random
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError
 
-from .rooms import BrokerOutcomeUnknown, BrokerUnavailable
+from .errors import BrokerOutcomeUnknown, BrokerStalled, BrokerUnavailable
+from .publisher import Publisher, Script
 
 if TYPE_CHECKING:
     from .metrics import Metrics
     from .outbox import Flusher
-    from .rooms import Hub
+    from .rooms import RoomEvents
 
 __all__ = ["PUBLISH_SCRIPT", "RESTORE_SCRIPT", "RedisBroker", "parse_redis_url"]
 
@@ -109,6 +108,9 @@ end
 return seq
 """
 
+PUBLISH = Script(PUBLISH_SCRIPT)
+RESTORE = Script(RESTORE_SCRIPT)
+
 SEQ_KEY = "rtg:seq:"
 CHANNEL = "rtg:room:"
 CONNECT_TIMEOUT_S = 1.0
@@ -117,8 +119,6 @@ KEEPALIVE_TIMEOUT_S = 3.0  # nothing at all from Redis for this long: the connec
 KEEPALIVE_LATE_S = 0.5  # a keepalive tick later than this: the loop was busy, not Redis silent
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 5.0
-MAX_BATCH = 512  # script calls per pipelined write
-MAX_QUEUED = 65536  # publications waiting for Redis, beyond which they are refused
 CHANNELS_PER_COMMAND = 1000
 
 
@@ -137,239 +137,21 @@ def parse_redis_url(url: str) -> tuple[str, int, int]:
     return parts.hostname, port, db
 
 
-class BrokerStalled(Exception):
-    """Redis answered nothing on the subscription connection for too long."""
-
-
-class _Script:
-    __slots__ = ("sha", "source")
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-
-PUBLISH = _Script(PUBLISH_SCRIPT)
-RESTORE = _Script(RESTORE_SCRIPT)
-
-
-class _Call:
-    """One script call waiting for Redis; ``future`` gets the reply."""
-
-    __slots__ = ("args", "deadline", "future", "keys", "script")
-
-    def __init__(
-        self,
-        script: _Script,
-        keys: Sequence[str],
-        args: Sequence[Any],
-        deadline: float,
-        future: asyncio.Future[Any],
-    ) -> None:
-        self.script = script
-        self.keys = keys
-        self.args = args
-        self.deadline = deadline
-        self.future = future
-
-    def command(self) -> tuple[Any, ...]:
-        return ("EVALSHA", self.script.sha, len(self.keys), *self.keys, *self.args)
-
-    def resolve(self, reply: Any) -> None:
-        if not self.future.done():
-            self.future.set_result(reply)
-
-    def fail(self, exc: Exception) -> None:
-        if not self.future.done():
-            self.future.set_exception(exc)
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    # A call nobody awaits (a restore): its failure is already counted.
-    if not future.cancelled():
-        future.exception()
-
-
-class _Publisher:
-    """Script calls to Redis on one connection, pipelined in the order they came."""
-
-    def __init__(
-        self,
-        connect: Callable[[], Connection],
-        timeout_s: float,
-        on_error: Callable[[BaseException, int, bool], None],
-    ) -> None:
-        self.connect = connect
-        self.timeout_s = timeout_s
-        self.on_error = on_error  # (error, calls failed, whether they were sent)
-        self.queue: collections.deque[_Call] = collections.deque()
-        self.wake = asyncio.Event()
-        self.conn: Connection | None = None
-        self.stale = False  # replace the connection before its next use
-        self.sending: list[_Call] = []
-
-    def call(
-        self, script: _Script, keys: Sequence[str], args: Sequence[Any], *, internal: bool = False
-    ) -> asyncio.Future[Any]:
-        """Queue one call; the future gets its reply or a broker exception."""
-        if not internal and len(self.queue) >= MAX_QUEUED:
-            raise BrokerUnavailable("too many publications waiting for redis")
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        deadline = loop.time() + self.timeout_s
-        self.queue.append(_Call(script, keys, args, deadline, future))
-        self.wake.set()
-        return future
-
-    def reset(self) -> None:
-        """Redis restarted or was lost: the next call connects afresh."""
-        self.stale = True
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                if not self.queue:
-                    self.wake.clear()
-                    await self.wake.wait()
-                batch = self._take(loop.time())
-                if not batch:
-                    continue
-                try:
-                    await self._execute(batch)
-                except Exception as exc:
-                    # A bug costs this batch, not publishing for good.
-                    for call in batch:
-                        call.fail(BrokerOutcomeUnknown("the gateway failed to publish"))
-                    self.on_error(exc, len(batch), True)
-                    await self._drop()
-        finally:
-            gone = BrokerUnavailable("the gateway is stopping")
-            for call in (*self.sending, *self.queue):
-                call.fail(gone)
-            self.queue.clear()
-            if self.conn is not None:
-                await self.conn.disconnect(nowait=True)
-
-    def _take(self, now: float) -> list[_Call]:
-        batch: list[_Call] = []
-        expired = 0
-        while self.queue and len(batch) < MAX_BATCH:
-            call = self.queue.popleft()
-            if call.future.done():
-                continue  # its publisher went away
-            if now > call.deadline:
-                call.fail(BrokerUnavailable("redis was not reachable in time"))
-                expired += 1
-                continue
-            batch.append(call)
-        if expired:
-            self.on_error(TimeoutError("not sent in time"), expired, False)
-        return batch
-
-    async def _execute(self, batch: list[_Call]) -> None:
-        try:
-            conn = await self._connection()
-        except (RedisError, OSError, TimeoutError) as exc:
-            for call in batch:
-                call.fail(BrokerUnavailable("redis is not reachable"))
-            self.on_error(exc, len(batch), False)
-            return
-        loop = asyncio.get_running_loop()
-        self.sending = batch
-        answered = 0
-        again: list[_Call] = []
-        try:
-            commands = conn.pack_commands(call.command() for call in batch)
-            await conn.send_packed_command(commands, check_health=False)
-            deadline = loop.time() + self.timeout_s
-            for call in batch:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise TimeoutError("redis did not answer in time")
-                try:
-                    reply = await conn.read_response(timeout=remaining)
-                except NoScriptError:
-                    again.append(call)  # not run: the scripts were flushed
-                except ResponseError as exc:
-                    # The script failed on the server before it published
-                    # (out of memory, busy): not published.
-                    call.fail(BrokerUnavailable("redis refused the publication"))
-                    self.on_error(exc, 1, False)
-                else:
-                    if reply is None:
-                        raise TimeoutError("redis did not answer in time")
-                    call.resolve(reply)
-                answered += 1
-        except (RedisError, OSError, TimeoutError) as exc:
-            unanswered = batch[answered:]
-            for call in unanswered:
-                call.fail(BrokerOutcomeUnknown("redis did not confirm the publication"))
-            self.on_error(exc, len(unanswered), True)
-            await self._drop()
-        finally:
-            self.sending = []
-        if again:
-            self.stale = True  # load the scripts again
-            self.queue.extendleft(reversed(again))
-
-    async def _connection(self) -> Connection:
-        conn = self.conn
-        if conn is not None and (self.stale or not conn.is_connected or await _dirty(conn)):
-            await self._drop()
-            conn = None
-        if conn is None:
-            conn = self.connect()
-            try:
-                await conn.connect()  # type: ignore[no-untyped-call]
-                await _load_scripts(conn, (PUBLISH, RESTORE))
-            except BaseException:
-                await conn.disconnect(nowait=True)
-                raise
-            self.conn = conn
-            self.stale = False
-        return conn
-
-    async def _drop(self) -> None:
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            await conn.disconnect(nowait=True)
-
-
-async def _dirty(conn: Connection) -> bool:
-    """Whether an idle connection has something unexpected: data, or the server's FIN."""
-    try:
-        return bool(await conn.can_read())
-    except (RedisError, OSError):
-        return True
-
-
-async def _load_scripts(conn: Connection, scripts: Iterable[_Script]) -> None:
-    scripts = list(scripts)
-    commands = conn.pack_commands(("SCRIPT", "LOAD", s.source) for s in scripts)
-    await conn.send_packed_command(commands, check_health=False)
-    for script in scripts:
-        sha = await conn.read_response()
-        if sha.decode() != script.sha:
-            raise RedisError("redis hashed a script differently")
-
-
 class RedisBroker:
     """Numbers publications in Redis and delivers what Redis sends back."""
 
     def __init__(
         self,
-        hub: Hub,
         url: str,
         metrics: Metrics,
         log: Any,
         *,
         timeout_s: float = 1.0,
         room_ttl_s: float = 600.0,
-        flusher: Flusher | None = None,
     ) -> None:
-        self.hub = hub
-        self.flusher = flusher  # paces deliveries that fill outboxes (outbox.py)
+        self.hub: RoomEvents  # the hub attaches itself (Hub.__init__)
+        # Paces deliveries that fill outboxes (outbox.py); set once the loop runs.
+        self.flusher: Flusher | None = None
         self.url = url
         self.metrics = metrics
         self.log = log
@@ -390,8 +172,11 @@ class RedisBroker:
             protocol=2,
         )
         self.connect_subscriber = functools.partial(connection, socket_timeout=None)
-        self.publisher = _Publisher(
-            functools.partial(connection, socket_timeout=timeout_s), timeout_s, self._failed
+        self.publisher = Publisher(
+            functools.partial(connection, socket_timeout=timeout_s),
+            (PUBLISH, RESTORE),
+            timeout_s,
+            self._failed,
         )
         self.connected = False
         self.up = asyncio.Event()  # set while connected
@@ -410,14 +195,18 @@ class RedisBroker:
 
     # The Broker protocol.
 
+    def attach(self, events: RoomEvents) -> None:
+        self.hub = events
+
     @property
     def available(self) -> bool:
         return self.connected
 
-    def submit(self, room: str, ts_ms: int, data: bytes, started: float) -> Awaitable[int]:
+    def submit(
+        self, room: str, floor: int, ts_ms: int, data: bytes, started: float
+    ) -> Awaitable[int]:
         if not self.connected:
             raise BrokerUnavailable("redis is not connected")
-        floor = self.hub.seq(room)
         args = (floor, ts_ms, data, self.room_ttl_s)
         return self.publisher.call(PUBLISH, (SEQ_KEY + room, CHANNEL + room), args)
 
@@ -459,12 +248,12 @@ class RedisBroker:
                 BrokerOutcomeUnknown,
             ) as group:
                 exc = group.exceptions[0]
-                self.metrics.broker_error()
+                self.metrics.broker_error(1)
                 if self.connected or failures == 0:
                     self.log.warning("broker_disconnected", url=self.url, error=_describe(exc))
             except* Exception:
                 # A bug must not end publishing for good: log it, start over.
-                self.metrics.broker_error()
+                self.metrics.broker_error(1)
                 self.log.exception("broker_failed", url=self.url)
             finally:
                 self._set_connected(False)
@@ -503,7 +292,7 @@ class RedisBroker:
 
     def _set_connected(self, connected: bool) -> None:
         self.connected = connected
-        self.metrics.broker_connected = connected
+        self.metrics.broker_state(connected)
         if connected:
             self.up.set()
             return
@@ -615,14 +404,14 @@ class RedisBroker:
             seq_text, ts_text, data = payload.split(b" ", 2)
             seq, ts_ms = int(seq_text), int(ts_text)
         except ValueError:
-            self.metrics.broker_error()
+            self.metrics.broker_error(1)
             self.log.warning("broker_bad_payload", room=room, size=len(payload))
             return
         if seq <= self.hub.seq(room):
             # Numbered by a counter that was lost: delivering it would send
             # ``seq`` backwards. Put the counter back; what is dropped shows
             # as a gap.
-            self.metrics.broker_stale += 1
+            self.metrics.broker_stale_dropped()
             self._restore_soon(room)
             return
         self.hub.deliver(room, seq, ts_ms, data, started)
@@ -647,7 +436,7 @@ class RedisBroker:
 
     def _failed(self, exc: BaseException, count: int, sent: bool) -> None:
         """The publisher failed ``count`` calls: one log line, the count in /metrics."""
-        self.metrics.broker_errors += count
+        self.metrics.broker_error(count)
         expected = isinstance(exc, (RedisError, OSError, TimeoutError))
         self.log.warning(
             "broker_publish_failed",
@@ -659,6 +448,12 @@ class RedisBroker:
 
     async def close(self) -> None:
         self._set_connected(False)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    # A call nobody awaits (a restore): its failure is already counted.
+    if not future.cancelled():
+        future.exception()
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,14 +1,21 @@
-"""One client connection: the websockets connection subclass and the session.
+"""One client connection over websockets' asyncio layer: the only home of its internals.
 
-:class:`GatewayConnection` extends websockets' server connection with what the
-outbox needs (flush on ``resume_writing``, a close frame sent without awaiting),
-a guard on the transport's write buffer, and socket accounting.
+:class:`GatewayConnection` extends websockets' ``ServerConnection`` with what
+the outbox needs (flush on ``resume_writing``, a close frame sent without
+awaiting), a guard on the transport's write buffer, socket accounting and
+admission (``admission.py``), and the bare-LF refusal. It relies on these
+websockets internals, tested with websockets 17 (pinned in pyproject.toml):
+``protocol`` (``send_close``, ``reject``, ``send_response``, ``state``,
+``close_sent``/``close_rcvd``, ``handshake_exc``), ``send_data()``,
+``close_deadline``, ``paused``, and ``request``/``response``.
 
-:func:`serve_connection` is the lifecycle of one accepted WebSocket: register,
-run the endpoint (:class:`Session` for the room protocol, :func:`echo`),
-and in ``finally`` leave every room, forget the outbox and count the
-disconnect by reason. Nothing here writes to a socket except through the
-connection's :class:`~rtgateway.outbox.Outbox`.
+:func:`serve_connection` is the lifecycle of one accepted WebSocket, in the
+shape of websockets' own handler: register, drive the endpoint's
+:class:`~rtgateway.session.Handler` (the room protocol or the echo) with every
+message, and in ``finally`` close the handler, forget the outbox and count the
+disconnect (``errors.Disconnect``). Nothing here writes to a socket except
+through the connection's :class:`~rtgateway.outbox.Outbox`, and nothing
+outside this module knows it runs on websockets' asyncio connection.
 """
 
 from __future__ import annotations
@@ -17,42 +24,39 @@ import asyncio
 import functools
 import secrets
 import socket
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, InvalidMessage
 from websockets.protocol import OPEN
 
-from . import protocol
 from .admission import address_key
+from .errors import (
+    ABORTED,
+    CLIENT_CLOSE,
+    INTERNAL_ERROR,
+    WRITE_BUFFER,
+    Disconnect,
+    by_close_code,
+)
 from .outbox import Outbox
-from .ratelimit import RateLimit
-from .rooms import BrokerOutcomeUnknown, BrokerUnavailable
+from .session import Echo, Handler, Session
+from .state import Context, ServerState
 
-if TYPE_CHECKING:
-    from .app import Gateway
-    from .config import Config
-
-__all__ = ["GatewayConnection", "Session", "echo", "serve_connection"]
-
-# Close codes (RFC 6455 §7.4.1, and the private range 4000-4999 for ours).
-POLICY_VIOLATION = 1008
-INTERNAL_ERROR = 1011
-SERVICE_RESTART = 1012
-RATE_LIMIT_WINDOW_S = 10.0
-# Bytes a publication's message adds around its data: the JSON keys, a seq and
-# a ts of up to 20 digits each.
-MESSAGE_ENVELOPE_BYTES = len(b'{"op":"message","room":"","seq":,"ts":,"data":}') + 40
+__all__ = ["GatewayConnection", "serve_connection"]
 
 
 class GatewayConnection(ServerConnection):
-    """websockets' connection, with the hooks the outbox and the limits need."""
+    """websockets' connection, with the hooks the outbox and the limits need.
 
-    gateway: Gateway  # set on the subclass that Gateway.start() creates
+    Made by the factory the gateway gives websockets' ``serve``
+    (``functools.partial(GatewayConnection, ctx=..., state=...)``).
+    """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, ctx: Context, state: ServerState, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.ctx = ctx
+        self.server_state = state
         self.outbox: Outbox | None = None
         self.made_at = 0.0
         self.abort_handle: asyncio.TimerHandle | None = None
@@ -72,13 +76,13 @@ class GatewayConnection(ServerConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        gateway = self.gateway
+        state = self.server_state
         self.made_at = self.loop.time()
-        gateway.connections.add(self)
+        state.sockets.add(self)
         peer = self.transport.get_extra_info("peername")
         self.address = address_key(peer[0]) if peer else "?"
-        admission = gateway.admission
-        if len(gateway.connections) > gateway.max_sockets:
+        admission = state.admission
+        if len(state.sockets) > state.limits.max_sockets:
             # Past the descriptors kept for sockets: make room by dropping a
             # socket that has not finished its handshake, or close this one
             # now rather than run into EMFILE.
@@ -91,9 +95,9 @@ class GatewayConnection(ServerConnection):
         if victim is not None:
             victim[0].reject(victim[1])
         self.first_byte_handle = self.loop.call_later(
-            gateway.config.first_byte_timeout_s, self.reject, "first_byte_timeout"
+            self.ctx.config.first_byte_timeout_s, self.reject, "first_byte_timeout"
         )
-        sndbuf = gateway.config.socket_sndbuf_bytes
+        sndbuf = self.ctx.config.socket_sndbuf_bytes
         if sndbuf:
             # Bounds the kernel's share of a slow consumer's backlog (Linux
             # otherwise grows it up to net.ipv4.tcp_wmem's maximum, 4 MiB).
@@ -106,9 +110,13 @@ class GatewayConnection(ServerConnection):
         if self.rejected is not None or self.request is not None:
             return
         self.rejected = reason
-        self.gateway.metrics.handshake_rejected(reason)
+        self.ctx.metrics.handshake_rejected(reason)
         self._admitted()
-        self.gateway.connections.discard(self)
+        self.server_state.sockets.discard(self)
+        self.transport.abort()
+
+    def abort(self) -> None:
+        """Drop the TCP connection now, without a close frame (``state.Socket``)."""
         self.transport.abort()
 
     def _admitted(self) -> None:
@@ -118,24 +126,24 @@ class GatewayConnection(ServerConnection):
             self.first_byte_handle = None
         if self.pending:
             self.pending = False
-            self.gateway.admission.done(self)
+            self.server_state.admission.done(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        gateway = self.gateway
-        gateway.connections.discard(self)
+        self.server_state.sockets.discard(self)
         self._admitted()
         if self.counted:
             self.counted = False
-            gateway.admission.closed(self.address)
+            self.server_state.admission.closed(self.address)
         if self.abort_handle is not None:
             self.abort_handle.cancel()
             self.abort_handle = None
         if self.request is None and self.rejected is None:
-            if self.loop.time() - self.made_at >= gateway.config.open_timeout_s * 0.95:
-                gateway.metrics.handshake_rejected("timeout")
+            metrics = self.ctx.metrics
+            if self.loop.time() - self.made_at >= self.ctx.config.open_timeout_s * 0.95:
+                metrics.handshake_rejected("timeout")
             elif self.protocol.handshake_exc is not None:
-                gateway.metrics.handshake_rejected("bad_request")
+                metrics.handshake_rejected("bad_request")
 
     def data_received(self, data: bytes) -> None:
         if self.head_tail is not None:  # the request head is still coming
@@ -145,7 +153,7 @@ class GatewayConnection(ServerConnection):
                     self.first_byte_handle.cancel()
                     self.first_byte_handle = None
                 if self.pending:
-                    self.gateway.admission.spoke(self)
+                    self.server_state.admission.spoke(self)
             if self._bare_lf(data):
                 self._refuse(400, "lines must end with CRLF\n")
                 return
@@ -165,10 +173,10 @@ class GatewayConnection(ServerConnection):
         # websockets answers pings inside data_received, bypassing any write
         # limit: a peer that sends pings and never reads would grow this
         # buffer without bound.
-        if self.transport.get_write_buffer_size() > self.gateway.max_write_buffer_bytes:
+        if self.transport.get_write_buffer_size() > self.server_state.limits.max_write_buffer_bytes:
             if self.outbox is not None:
                 self.outbox.discard()
-                self.outbox.close_reason = "write_buffer"
+                self.outbox.disconnect = WRITE_BUFFER
             self.transport.abort()
 
     def _bare_lf(self, data: bytes) -> bool:
@@ -193,7 +201,7 @@ class GatewayConnection(ServerConnection):
         self.head_tail = None  # whatever else comes is websockets' to discard
         self.protocol.handshake_exc = InvalidMessage(text.strip())
         response = self.protocol.reject(status, text)
-        response.headers["Server"] = self.gateway.server_name
+        response.headers["Server"] = self.ctx.server_name
         self.protocol.send_response(response)
         self.send_data()
         self.transport.close()
@@ -215,43 +223,42 @@ class GatewayConnection(ServerConnection):
             self.send_data()
         if self.abort_handle is None and not self.transport.is_closing():
             self.abort_handle = self.loop.call_later(
-                self.gateway.config.close_timeout_s, self.transport.abort
+                self.ctx.config.close_timeout_s, self.transport.abort
             )
 
 
-def _disconnect_reason(conn: GatewayConnection, outbox: Outbox) -> str:
-    if outbox.close_reason is not None:
-        return outbox.close_reason
+def disconnect_of(conn: GatewayConnection, outbox: Outbox) -> Disconnect:
+    """Why a connection ended: the gateway's own reason, else what websockets sent or got."""
+    if outbox.disconnect is not None:
+        return outbox.disconnect
     sent = conn.protocol.close_sent
     if sent is not None:
-        if sent.code == 1009:
-            return "message_too_large"
-        if sent.code in (1002, 1003, 1007):
-            return "protocol_error"
-        if sent.code == INTERNAL_ERROR and "keepalive" in sent.reason:
-            return "ping_timeout"
+        by_code = by_close_code(sent.code, sent.reason)
+        if by_code is not None:
+            return by_code
     if conn.protocol.close_rcvd is not None:
-        return "client_close"
-    return "aborted"
+        return CLIENT_CLOSE
+    return ABORTED
 
 
-async def serve_connection(gateway: Gateway, conn: GatewayConnection) -> None:
+async def serve_connection(ctx: Context, state: ServerState, conn: GatewayConnection) -> None:
     """The handler websockets runs for each connection after the handshake."""
-    metrics = gateway.metrics
+    metrics = ctx.metrics
+    config = ctx.config
     outbox = Outbox(
         conn,
-        gateway.flusher,
+        ctx.flusher,
         metrics,
-        max_messages=gateway.config.outbox_max_messages,
-        max_bytes=gateway.config.outbox_max_bytes,
+        max_messages=config.outbox_max_messages,
+        max_bytes=config.outbox_max_bytes,
     )
     conn.outbox = outbox
     conn_id = secrets.token_urlsafe(9)
     peer = _peer(conn)
     # The logger is bound per connection when it is used, not kept for the
     # connection's lifetime: 0.5 KiB per connection, on 10k idle ones.
-    log = functools.partial(_bound, gateway, conn_id, peer)
-    gateway.outboxes.add(outbox)
+    log = functools.partial(_bound, ctx, conn_id, peer)
+    state.session_opened(outbox)
     metrics.connection_opened()
     path = conn.request.path.partition("?")[0] if conn.request else ""
     log().debug("connection_open", path=path)
@@ -260,28 +267,36 @@ async def serve_connection(gateway: Gateway, conn: GatewayConnection) -> None:
     if conn.request is not None:
         conn.request.headers.clear()
     conn.response = None
+    handler: Handler = (
+        Echo(ctx, outbox) if path == "/ws/echo" else Session(ctx, state, outbox, conn_id)
+    )
     try:
-        if path == "/ws/echo":
-            await echo(conn, outbox)
-        else:
-            await Session(gateway, conn, outbox, conn_id).run()
+        handler.open()
+        flusher = ctx.flusher
+        async for message in conn:
+            pending = handler.received(message)
+            if pending is not None:
+                await pending
+            # websockets hands over queued messages without yielding: a burst
+            # of heavy ones is spread over loop iterations (outbox.py).
+            if flusher.heavy:
+                await flusher.relieve()
     except ConnectionClosed:
         pass
     except Exception:
         log().exception("connection_failed")
-        outbox.kill(INTERNAL_ERROR, "internal error", "error")
+        outbox.kill(INTERNAL_ERROR)
     finally:
-        gateway.outboxes.discard(outbox)
-        if not gateway.outboxes:
-            gateway.sessions_done.set()
+        handler.closed()
+        state.session_closed(outbox)
         outbox.discard()
-        reason = _disconnect_reason(conn, outbox)
-        metrics.connection_closed(reason)
-        log().debug("connection_closed", reason=reason, code=conn.close_code)
+        disconnect = disconnect_of(conn, outbox)
+        metrics.connection_closed(disconnect)
+        log().debug("connection_closed", reason=disconnect.label, code=conn.close_code)
 
 
-def _bound(gateway: Gateway, conn_id: str, peer: str) -> Any:
-    return gateway.log.bind(conn_id=conn_id, peer=peer)
+def _bound(ctx: Context, conn_id: str, peer: str) -> Any:
+    return ctx.log.bind(conn_id=conn_id, peer=peer)
 
 
 def _peer(conn: GatewayConnection) -> str:
@@ -290,256 +305,3 @@ def _peer(conn: GatewayConnection) -> str:
     except (TypeError, ValueError):
         return "?"
     return f"{host}:{port}"
-
-
-def _rate_limit(config: Config, now: float) -> RateLimit:
-    return RateLimit(
-        config.rate_limit_msgs_per_s,
-        config.rate_limit_burst,
-        config.rate_limit_bytes_per_s,
-        max_message_bytes=config.max_message_bytes,
-        max_rejected=config.rate_limit_max_rejected,
-        window_s=RATE_LIMIT_WINDOW_S,
-        now=now,
-    )
-
-
-def rate_limited_error(wait: float, id: protocol.MessageId = None) -> str:
-    return protocol.error(
-        "rate_limited",
-        "too many messages; slow down",
-        id,
-        retry_after_ms=max(1, round(wait * 1000)),
-    )
-
-
-async def echo(conn: GatewayConnection, outbox: Outbox) -> None:
-    """``/ws/echo``: every message back as it came, text or binary.
-
-    The connection's rate limits apply as on ``/ws``: a message over them is
-    answered with a ``rate_limited`` error (a text frame) instead of its echo,
-    and too many of those close the connection 1008.
-    """
-    gateway = conn.gateway
-    metrics = gateway.metrics
-    limit = _rate_limit(gateway.config, conn.loop.time())
-    async for message in conn:
-        payload = message.encode() if isinstance(message, str) else message
-        metrics.received(len(payload))
-        if outbox.closed:
-            continue  # closing: nothing more is echoed
-        wait = limit.check(conn.loop.time(), len(payload))
-        if wait:
-            metrics.rate_limited += 1
-            if limit.exceeded:
-                outbox.close(POLICY_VIOLATION, "rate limit exceeded", "rate_limited")
-            else:
-                metrics.protocol_error("rate_limited")
-                outbox.push(protocol.text_frame(rate_limited_error(wait).encode()), "reply")
-            continue
-        if isinstance(message, str):
-            outbox.push(protocol.text_frame(payload), "reply")
-        else:
-            outbox.push(protocol.binary_frame(payload), "reply")
-        if gateway.flusher.heavy:
-            await gateway.flusher.relieve()
-
-
-class Session:
-    """The room protocol on ``/ws`` for one connection."""
-
-    __slots__ = (
-        "config",
-        "conn",
-        "conn_id",
-        "gateway",
-        "hub",
-        "joining",
-        "limit",
-        "outbox",
-        "rooms",
-    )
-
-    def __init__(
-        self, gateway: Gateway, conn: GatewayConnection, outbox: Outbox, conn_id: str
-    ) -> None:
-        self.gateway = gateway
-        self.config = gateway.config
-        self.hub = gateway.hub
-        self.conn = conn
-        self.outbox = outbox
-        self.conn_id = conn_id
-        self.rooms: dict[str, str] = {}  # room -> this connection's policy there
-        # Rooms whose join waits for the broker -> the ids to acknowledge then.
-        self.joining: dict[str, list[protocol.MessageId]] = {}
-        self.limit = _rate_limit(self.config, conn.loop.time())
-
-    def reply(self, text: str) -> None:
-        self.outbox.push(protocol.text_frame(text.encode()), "reply")
-
-    def error(self, code: str, message: str, id: protocol.MessageId = None, **extra: Any) -> None:
-        self.gateway.metrics.protocol_error(code)
-        self.reply(protocol.error(code, message, id, **extra))
-
-    async def run(self) -> None:
-        gateway = self.gateway
-        self.reply(
-            protocol.hello(
-                self.conn_id, gateway.server_name, gateway.hello_limits, **gateway.hello_extra
-            )
-        )
-        try:
-            flusher = gateway.flusher
-            async for message in self.conn:
-                await self.handle(message)
-                # websockets hands over queued messages without yielding: a
-                # burst of heavy publications is spread over iterations.
-                if flusher.heavy:
-                    await flusher.relieve()
-        finally:
-            for room in list(self.rooms):
-                self.hub.leave(room, self.outbox)
-            self.rooms.clear()
-
-    async def handle(self, message: str | bytes) -> None:
-        started = time.perf_counter()
-        size = len(message) if isinstance(message, bytes) else len(message.encode())
-        self.gateway.metrics.received(size)
-        if self.outbox.closed:
-            return  # closing: what the client still sends is not acted on
-        wait = self.limit.check(self.conn.loop.time(), size)
-        if wait:
-            self.gateway.metrics.rate_limited += 1
-            if self.limit.exceeded:
-                self.outbox.close(POLICY_VIOLATION, "rate limit exceeded", "rate_limited")
-                return
-            self.gateway.metrics.protocol_error("rate_limited")
-            self.reply(rate_limited_error(wait, _peek_id(message)))
-            return
-        if isinstance(message, bytes):
-            self.error("bad_message", "binary frames are not supported; send JSON text")
-            return
-        try:
-            msg = protocol.parse(message)
-        except protocol.ProtocolError as exc:
-            self.error(exc.code, exc.message, exc.id)
-            return
-        try:
-            if isinstance(msg, protocol.Publish):
-                await self.publish(msg, started)
-            elif isinstance(msg, protocol.Join):
-                self.join(msg)
-            elif isinstance(msg, protocol.Leave):
-                self.leave(msg)
-            else:
-                self.reply(protocol.pong(msg.id))
-        except ConnectionClosed:
-            raise
-        except Exception:
-            # A bug handling one message costs that message, not the
-            # connection; the log has the traceback.
-            self.gateway.log.exception("message_failed", conn_id=self.conn_id)
-            self.error("internal", "the gateway failed to handle this message", msg.id)
-
-    def join(self, msg: protocol.Join) -> None:
-        if self.gateway.draining:
-            self.error("draining", "the gateway is restarting; reconnect", msg.id)
-            return
-        waiting = self.joining.get(msg.room)
-        if waiting is not None:
-            waiting.append(msg.id)  # answered with the first join
-            return
-        joined = self.rooms.get(msg.room)
-        if joined is not None:
-            # Joining twice is acknowledged and changes nothing.
-            if msg.id is not None:
-                members = self.hub.members(msg.room)
-                self.reply(protocol.ack(msg.id, room=msg.room, members=members, policy=joined))
-            return
-        policy = msg.policy or self.config.slow_consumer_policy
-        if policy not in self.config.slow_consumer_policies:
-            self.error(
-                "policy_not_allowed",
-                "allowed policies: " + ", ".join(self.config.slow_consumer_policies),
-                msg.id,
-            )
-            return
-        if len(self.rooms) >= self.config.max_rooms_per_connection:
-            self.error(
-                "too_many_rooms",
-                f"at most {self.config.max_rooms_per_connection} rooms per connection",
-                msg.id,
-            )
-            return
-        if msg.room not in self.hub.rooms and len(self.hub.rooms) >= self.config.max_rooms:
-            self.error(
-                "room_limit", "the gateway holds as many rooms as it may; retry later", msg.id
-            )
-            return
-        self.rooms[msg.room] = policy
-        self.joining[msg.room] = [msg.id]
-        # Acknowledged once the room is live: at once with one process, once
-        # Redis confirmed the subscription with workers.
-        on_joined = functools.partial(self._joined, msg.room, policy)
-        self.hub.join(msg.room, self.outbox, policy, on_joined)
-
-    def _joined(self, room: str, policy: str, members: int | None) -> None:
-        ids = self.joining.pop(room, [])
-        if members is None:
-            self.rooms.pop(room, None)
-            for id in ids:
-                self.error("unavailable", "the gateway could not join the room now; retry", id)
-            return
-        for id in ids:
-            if id is not None:
-                self.reply(protocol.ack(id, room=room, members=members, policy=policy))
-
-    def leave(self, msg: protocol.Leave) -> None:
-        if msg.room not in self.rooms:
-            self.error("not_joined", f"not a member of {msg.room}", msg.id)
-            return
-        del self.rooms[msg.room]
-        members = self.hub.leave(msg.room, self.outbox)
-        if msg.id is not None:
-            self.reply(protocol.ack(msg.id, room=msg.room, members=members))
-
-    async def publish(self, msg: protocol.Publish, started: float) -> None:
-        if self.gateway.draining:
-            self.error("draining", "the gateway is restarting; reconnect", msg.id)
-            return
-        if self.config.publish_requires_join and msg.room not in self.rooms:
-            self.error("not_joined", f"join {msg.room} before publishing to it", msg.id)
-            return
-        if len(msg.data) + len(msg.room) + MESSAGE_ENVELOPE_BYTES > self.config.max_message_bytes:
-            # Members may hold the same size limit as the gateway: never send
-            # them a message they would have to refuse.
-            self.error(
-                "message_too_large",
-                f"the message to members would exceed {self.config.max_message_bytes} bytes",
-                msg.id,
-            )
-            return
-        try:
-            seq = await self.hub.publish(msg.room, msg.data, started=started)
-        except BrokerUnavailable:
-            self.error("unavailable", "not published: publishing is unavailable; retry", msg.id)
-            return
-        except BrokerOutcomeUnknown:
-            self.error(
-                "outcome_unknown",
-                "the broker did not confirm the publication in time; it may have been published",
-                msg.id,
-            )
-            return
-        if msg.id is not None:
-            self.reply(protocol.ack(msg.id, room=msg.room, seq=seq))
-
-
-def _peek_id(message: str | bytes) -> protocol.MessageId:
-    """The id of a message refused before parsing, when it is cheap to find."""
-    if isinstance(message, bytes) or len(message) > 4096:
-        return None
-    try:
-        return protocol.parse(message).id
-    except protocol.ProtocolError as exc:
-        return exc.id

@@ -23,8 +23,8 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 if TYPE_CHECKING:
-    from .app import Gateway
     from .connection import GatewayConnection
+    from .state import Context, ServerState
 
 __all__ = ["WS_PATHS", "load_static", "process_request", "process_response"]
 
@@ -104,10 +104,11 @@ def _text(status: int, text: str, **headers: str) -> Response:
 
 
 def process_request(
-    gateway: Gateway, connection: GatewayConnection, request: Request
+    ctx: Context, state: ServerState, connection: GatewayConnection, request: Request
 ) -> Response | Awaitable[Response] | None:
+    """The answer to a request before the upgrade, or None to upgrade it to a WebSocket."""
     path = request.path.partition("?")[0]
-    metrics = gateway.metrics
+    metrics = ctx.metrics
     if request.method not in ("GET", "HEAD"):
         metrics.handshake_rejected("method")
         return _text(405, "method not allowed\n", Allow="GET")
@@ -123,15 +124,15 @@ def process_request(
         metrics.handshake_rejected("bad_request")
         return _text(400, "Origin given more than once\n")
     if path in ("/healthz", "/readyz"):
-        if gateway.draining:
+        if state.draining:
             return _text(503, "draining")
         return _text(200, "ok")
     if path == "/metrics":
         if metrics.render_hook is not None:
             return _host_metrics(metrics.render_hook)
         return _response(200, metrics.render(), PROMETHEUS_CONTENT_TYPE)
-    if path in gateway.static:
-        body, content_type, headers = gateway.static[path]
+    if path in ctx.static:
+        body, content_type, headers = ctx.static[path]
         return _response(200, body, content_type, **headers)
     if path not in WS_PATHS:
         metrics.handshake_rejected("not_found")
@@ -142,17 +143,17 @@ def process_request(
     if request.protocol != "HTTP/1.1":
         metrics.handshake_rejected("bad_request")
         return _text(400, "WebSocket needs HTTP/1.1\n")
-    allowed = gateway.config.allowed_origins
+    allowed = ctx.config.allowed_origins
     if allowed and origins and origins[0] not in allowed:
         metrics.handshake_rejected("origin")
         return _text(403, "origin not allowed\n")
-    if gateway.draining:
+    if state.draining:
         metrics.handshake_rejected("draining")
         return _text(503, "draining; reconnect\n", Retry_After=_retry_after())
-    if metrics.connections_current >= gateway.max_connections:
+    if metrics.connections_current >= state.limits.max_connections:
         metrics.handshake_rejected("connection_limit")
         return _text(503, "too many connections\n", Retry_After=_retry_after())
-    admission = gateway.admission
+    admission = state.admission
     if admission.at_connection_limit(connection.address):
         metrics.handshake_rejected("address_limit")
         return _text(503, "too many connections from this address\n", Retry_After=_retry_after())
@@ -169,7 +170,7 @@ async def _host_metrics(render: Callable[[], Awaitable[bytes]]) -> Response:
 
 
 def process_response(
-    gateway: Gateway, connection: GatewayConnection, request: Request, response: Response
+    ctx: Context, connection: GatewayConnection, request: Request, response: Response
 ) -> None:
     # websockets itself refuses handshakes with missing or bad Upgrade headers.
     if (
@@ -177,7 +178,7 @@ def process_response(
         and request.path.partition("?")[0] in WS_PATHS
         and connection.protocol.handshake_exc is not None
     ):
-        gateway.metrics.handshake_rejected("bad_request")
+        ctx.metrics.handshake_rejected("bad_request")
 
 
 def _retry_after() -> str:

@@ -2,8 +2,14 @@
 
 Hot-path figures (messages, bytes, deliveries, frames per write) are plain
 integers bumped without locks — the gateway is one thread — and turned into
-Prometheus families only when ``/metrics`` is scraped. Labels come from small
-fixed sets (:data:`DISCONNECT_REASONS`, …), never from a room name or client.
+Prometheus families only when ``/metrics`` is scraped. What the server's state
+already knows (draining, the connection limit, pending handshakes, bytes
+waiting in outboxes) is not counted twice: it is read from :class:`Live` at
+scrape time. Labels come from small fixed sets (the disconnects of
+``errors.py``, the rejection reasons, the error codes, the API's routes),
+never from a room name or a client.
+
+The rest of the gateway only calls the verbs; no module writes a field.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import bisect
 import platform
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Protocol
 
 import prometheus_client
 from prometheus_client.core import (
@@ -24,27 +31,17 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import log
+from .errors import DISCONNECT_REASONS, Disconnect
 from .protocol import ERROR_CODES
 
 __all__ = [
     "DISCONNECT_REASONS",
     "HANDSHAKE_REJECTIONS",
     "Histogram",
+    "Live",
     "Metrics",
 ]
 
-DISCONNECT_REASONS = (
-    "client_close",
-    "drain",
-    "slow_consumer",
-    "rate_limited",
-    "protocol_error",
-    "message_too_large",
-    "ping_timeout",
-    "write_buffer",
-    "error",
-    "aborted",
-)
 HANDSHAKE_REJECTIONS = (
     "connection_limit",
     "draining",
@@ -87,19 +84,39 @@ class Histogram:
     def count(self) -> int:
         return sum(self.counts)
 
-    def family(self, name: str, doc: str) -> HistogramMetricFamily:
-        buckets = []
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative ``(le, count)`` pairs, as Prometheus wants them."""
+        buckets: list[tuple[str, float]] = []
         running = 0
         for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
             running += count
             buckets.append((_le(bound), running))
-        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
+        return buckets
+
+    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+        return HistogramMetricFamily(name, doc, buckets=self.buckets(), sum_value=self.sum)
 
 
 def _le(bound: float) -> str:
     if bound == float("inf"):
         return "+Inf"
     return repr(float(bound))
+
+
+class Live(Protocol):
+    """What the server's state tells the metrics at scrape time (``state.ServerState``)."""
+
+    @property
+    def draining(self) -> bool: ...
+
+    @property
+    def max_connections(self) -> int: ...
+
+    @property
+    def pending_handshakes(self) -> int: ...
+
+    @property
+    def queued_bytes(self) -> int: ...
 
 
 class Metrics:
@@ -123,9 +140,7 @@ class Metrics:
         self.protocol_errors = dict.fromkeys(ERROR_CODES, 0)
         self.dropped = dict.fromkeys(DROP_POLICIES, 0)
         self.rate_limited = 0
-        self.outbox_queued_bytes = 0
-        self.draining = False
-        self.max_connections = 0
+        self.live: Live | None = None  # the server's state, once it runs
         self.fanout = Histogram(FANOUT_BUCKETS)
         self.publish_seconds = Histogram(LATENCY_BUCKETS)
         self.flush_frames = Histogram(FLUSH_BUCKETS)
@@ -136,8 +151,11 @@ class Metrics:
         self.broker_reconnects = 0
         self.broker_errors = 0
         self.broker_stale = 0
-        # Sockets accepted that have not finished a handshake (admission.py).
-        self.pending_hook: Callable[[], int] = lambda: 0
+        # The publish API's requests, by route template and status; its routes
+        # are known once it starts (None: no API in this process).
+        self.api_endpoints: tuple[str, ...] | None = None
+        self.api_requests: dict[tuple[str, str], int] = {}
+        self.api_seconds: dict[str, Histogram] = {}
         # Set on a worker of a multi-process gateway: renders the whole host
         # (this worker and its siblings) for /metrics, instead of this process.
         self.render_hook: Callable[[], Awaitable[bytes]] | None = None
@@ -154,9 +172,9 @@ class Metrics:
         self.connections_current += 1
         self.connections_total += 1
 
-    def connection_closed(self, reason: str) -> None:
+    def connection_closed(self, disconnect: Disconnect) -> None:
         self.connections_current -= 1
-        self.disconnects[reason] += 1
+        self.disconnects[disconnect.label] += 1
 
     def handshake_rejected(self, reason: str) -> None:
         self.handshake_rejections[reason] += 1
@@ -172,17 +190,56 @@ class Metrics:
     def protocol_error(self, code: str) -> None:
         self.protocol_errors[code] += 1
 
+    def rate_limit_refused(self) -> None:
+        self.rate_limited += 1
+
+    def message_dropped(self, policy: str) -> None:
+        self.dropped[policy] += 1
+
+    def room_opened(self) -> None:
+        self.rooms_current += 1
+
+    def room_closed(self) -> None:
+        self.rooms_current -= 1
+
+    def member_joined(self) -> None:
+        self.room_members_current += 1
+
+    def member_left(self) -> None:
+        self.room_members_current -= 1
+
     def published(self, recipients: int, seconds: float) -> None:
         self.publishes += 1
         self.deliveries += recipients
         self.fanout.observe(recipients)
         self.publish_seconds.observe(seconds)
 
-    def broker_error(self) -> None:
-        self.broker_errors += 1
+    def broker_state(self, connected: bool) -> None:
+        """There is a broker, and it is (not) connected."""
+        self.broker_connected = connected
+
+    def broker_error(self, count: int = 1) -> None:
+        self.broker_errors += count
 
     def broker_reconnected(self) -> None:
         self.broker_reconnects += 1
+
+    def broker_stale_dropped(self) -> None:
+        self.broker_stale += 1
+
+    def api_started(self, endpoints: Sequence[str]) -> None:
+        """The publish API serves these route templates (the ``endpoint`` label)."""
+        self.api_endpoints = tuple(endpoints)
+        for endpoint in endpoints:
+            self.api_seconds.setdefault(endpoint, Histogram(LATENCY_BUCKETS))
+
+    def api_stopped(self) -> None:
+        self.api_endpoints = None
+
+    def api_request(self, endpoint: str, status: int, seconds: float) -> None:
+        key = (endpoint, str(status))
+        self.api_requests[key] = self.api_requests.get(key, 0) + 1
+        self.api_seconds[endpoint].observe(seconds)
 
     def render(self) -> bytes:
         """This process's metrics as Prometheus text (see ``render_hook`` for the host's)."""
@@ -203,6 +260,7 @@ class Metrics:
                 family.add_metric([key], value)
             return family
 
+        live = self.live
         info = GaugeMetricFamily(
             p + "build_info",
             "Build information; the value is 1.",
@@ -214,13 +272,13 @@ class Metrics:
         yield gauge(
             "connections_max",
             "Connections accepted before handshakes get 503.",
-            self.max_connections,
+            live.max_connections if live else 0,
         )
         yield counter("connections", "WebSocket connections opened.", self.connections_total)
         yield gauge(
             "pending_handshakes_current",
             "Sockets accepted that have not finished a handshake yet.",
-            self.pending_hook(),
+            live.pending_handshakes if live else 0,
         )
         yield labelled(
             "disconnects", "WebSocket connections closed, by reason.", "reason", self.disconnects
@@ -263,9 +321,13 @@ class Metrics:
         yield gauge(
             "outbox_queued_bytes",
             "Bytes waiting in outboxes, all connections.",
-            self.outbox_queued_bytes,
+            live.queued_bytes if live else 0,
         )
-        yield gauge("draining", "1 while the gateway drains for shutdown.", int(self.draining))
+        yield gauge(
+            "draining",
+            "1 while the gateway drains for shutdown.",
+            int(bool(live and live.draining)),
+        )
         try:
             tasks = len(asyncio.all_tasks())
         except RuntimeError:  # scraped from outside the event loop (tests)
@@ -315,6 +377,27 @@ class Metrics:
         yield self.loop_lag.family(
             p + "event_loop_lag_seconds", "How late the event loop ran a timer."
         )
+        if self.api_endpoints is not None:
+            yield from self._api_families()
+
+    def _api_families(self) -> Iterable[Metric]:
+        requests = CounterMetricFamily(
+            "rtgateway_api_requests",
+            "Publish API requests answered, by route template and HTTP status.",
+            labels=["endpoint", "status"],
+        )
+        for (endpoint, status), count in sorted(self.api_requests.items()):
+            requests.add_metric([endpoint, status], count)
+        yield requests
+        seconds = HistogramMetricFamily(
+            "rtgateway_api_request_seconds",
+            "From a request's head being read to its response being written.",
+            labels=["endpoint"],
+        )
+        for endpoint in self.api_endpoints or ():
+            histogram = self.api_seconds[endpoint]
+            seconds.add_metric([endpoint], histogram.buckets(), histogram.sum)
+        yield seconds
 
 
 class _Collector(Collector):

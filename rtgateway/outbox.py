@@ -31,7 +31,10 @@ The queue is bounded by frames and by bytes. When it is full, the policy of
 the frame being pushed decides (Centrifugo and Phoenix hard-code one of these;
 here each room membership carries its own):
 
-- ``disconnect``: close the connection with 4008 "slow consumer";
+- ``disconnect``: :meth:`Outbox.push` returns
+  :data:`~rtgateway.errors.SLOW_CONSUMER` (close 4008), as centrifuge's
+  ``writer.enqueue`` returns a disconnect, and the caller acts on it
+  (:meth:`Outbox.kill`);
 - ``drop_newest``: drop the frame being pushed;
 - ``drop_oldest``: drop the oldest waiting ``drop_oldest`` frames to make room.
 
@@ -50,11 +53,11 @@ from typing import Protocol
 
 import structlog
 
+from .errors import SLOW_CONSUMER, Disconnect
 from .metrics import Metrics
 
-__all__ = ["SLOW_CONSUMER", "WRITE_THROUGH_BYTES", "Flusher", "Outbox", "Writable"]
+__all__ = ["WRITE_THROUGH_BYTES", "Flusher", "Outbox", "Writable"]
 
-SLOW_CONSUMER = 4008
 # Queued bytes past which an outbox writes at once: the transport's high-water
 # mark (the gateway's write limit), so that a connection that is not paused
 # never holds more than a write's worth in its outbox.
@@ -119,10 +122,12 @@ class Flusher:
 
 
 class Outbox:
+    """One connection's queue of complete frames, and the only writer of its socket."""
+
     __slots__ = (
-        "close_reason",
         "closed",
         "conn",
+        "disconnect",
         "drained",
         "flusher",
         "frames",
@@ -157,27 +162,33 @@ class Outbox:
         self.drained = True  # written to the transport since it last made a publisher yield
         # (code, reason) of a close frame to send once the queue is written.
         self.pending_close: tuple[int, str] | None = None
-        # Why the gateway closed this connection, for the disconnect counter.
-        self.close_reason: str | None = None
+        # Why the gateway ended this connection, for the disconnect counter.
+        self.disconnect: Disconnect | None = None
 
-    def push(self, frame: bytes, policy: str) -> None:
-        """Queue one complete frame; apply ``policy`` if the outbox is full."""
+    def push(self, frame: bytes, policy: str) -> Disconnect | None:
+        """Queue one complete frame; apply ``policy`` if the outbox is full.
+
+        Returns the disconnect the caller must carry out (:meth:`kill`): the
+        client is not reading and its policy, or a reply, leaves no room.
+        """
         if self.closed:
-            return
+            return None
         size = len(frame)
-        if (
-            len(self.frames) >= self.max_messages or self.nbytes + size > self.max_bytes
-        ) and not self._make_room(size, policy):
-            return
+        if len(self.frames) >= self.max_messages or self.nbytes + size > self.max_bytes:
+            room = self._make_room(size, policy)
+            if room is False:
+                return None  # dropped by its policy
+            if room is not True:
+                return room
         self.frames.append(frame)
         self.policies.append(policy)
         nbytes = self.nbytes = self.nbytes + size
-        self.metrics.outbox_queued_bytes += size
         if nbytes >= WRITE_THROUGH_BYTES and self._write_through():
-            return
+            return None
         if not self.scheduled:
             self.scheduled = True
             self.flusher.add(self)
+        return None
 
     def _write_through(self) -> bool:
         """Past the threshold: write now if the transport takes it; whether it was written."""
@@ -196,10 +207,11 @@ class Outbox:
             self.flusher.heavy = True
         return False
 
-    def _make_room(self, size: int, policy: str) -> bool:
+    def _make_room(self, size: int, policy: str) -> Disconnect | bool:
+        """True when the frame fits now; False when it was dropped; else the disconnect."""
         if policy == "drop_newest" or (policy == "drop_oldest" and size > self.max_bytes):
             # (A frame larger than the whole outbox can never fit: drop it.)
-            self.metrics.dropped[policy] += 1
+            self.metrics.message_dropped(policy)
             return False
         if size <= self.max_bytes:  # drop_oldest or reply: evict drop_oldest frames
             frames, policies = self.frames, self.policies
@@ -209,26 +221,23 @@ class Outbox:
             ):
                 if policies[i] == "drop_oldest":
                     self._discard(i)
-                    self.metrics.dropped["drop_oldest"] += 1
+                    self.metrics.message_dropped("drop_oldest")
                 else:
                     i += 1
             if len(frames) < self.max_messages and self.nbytes + size <= self.max_bytes:
                 return True
             if policy == "drop_oldest":
-                self.metrics.dropped["drop_oldest"] += 1
+                self.metrics.message_dropped("drop_oldest")
                 return False
         # disconnect, or a reply that cannot fit: the client is not reading.
-        self.kill(SLOW_CONSUMER, "slow consumer", "slow_consumer")
-        return False
+        return SLOW_CONSUMER
 
     def _discard(self, index: int) -> None:
         frame = self.frames.pop(index)
         del self.policies[index]
         self.nbytes -= len(frame)
-        self.metrics.outbox_queued_bytes -= len(frame)
 
     def _clear(self) -> None:
-        self.metrics.outbox_queued_bytes -= self.nbytes
         self.frames.clear()
         self.policies.clear()
         self.nbytes = 0
@@ -261,26 +270,32 @@ class Outbox:
             self.pending_close = None
             conn.send_close(code, reason)
 
-    def close(self, code: int, reason: str, why: str) -> None:
-        """Close after the frames already queued, e.g. 1012 while draining."""
+    def close(self, disconnect: Disconnect, reason: str | None = None) -> None:
+        """Close after the frames already queued, e.g. 1012 while draining.
+
+        ``reason`` replaces the disconnect's reason text (the drain's carries
+        the client's reconnect delay).
+        """
         if self.closed:
             return
+        assert disconnect.code is not None, disconnect
         self.closed = True
-        self.close_reason = why
-        self.pending_close = (code, reason)
+        self.disconnect = disconnect
+        self.pending_close = (disconnect.code, disconnect.reason if reason is None else reason)
         if not self.scheduled:
             self.scheduled = True
             self.flusher.add(self)
 
-    def kill(self, code: int, reason: str, why: str) -> None:
+    def kill(self, disconnect: Disconnect) -> None:
         """Drop what is queued and send a close frame now (slow consumer, abuse)."""
         if self.closed and self.pending_close is None:
             return
+        assert disconnect.code is not None, disconnect
         self.closed = True
-        self.close_reason = why
+        self.disconnect = disconnect
         self.pending_close = None
         self._clear()
-        self.conn.send_close(code, reason)
+        self.conn.send_close(disconnect.code, disconnect.reason)
 
     def discard(self) -> None:
         """Forget the queue when the connection is gone."""

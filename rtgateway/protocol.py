@@ -17,12 +17,14 @@ import json
 import math
 import re
 import struct
+from collections.abc import Mapping
 from typing import Any, Final
 
 from .errors import ProtocolError
 
 __all__ = [
     "ERROR_CODES",
+    "MESSAGE_ENVELOPE_BYTES",
     "ClientMessage",
     "Join",
     "Leave",
@@ -65,6 +67,10 @@ MAX_ID_CHARS: Final = 64
 # Ids are echoed to clients, many of them JavaScript: keep integers exact there.
 MAX_SAFE_INTEGER: Final = 2**53 - 1
 ROOM_RE: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+
+# Bytes a publication's message adds around its data (message_frame): the
+# JSON keys, a seq and a ts of up to 20 digits each.
+MESSAGE_ENVELOPE_BYTES: Final = len(b'{"op":"message","room":"","seq":,"ts":,"data":}') + 40
 
 MessageId = int | str | None
 
@@ -211,7 +217,7 @@ def encode(obj: dict[str, Any]) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-def hello(conn_id: str, server: str, limits: dict[str, Any], **extra: Any) -> str:
+def hello(conn_id: str, server: str, limits: Mapping[str, Any], **extra: Any) -> str:
     return encode({"op": "hello", "conn_id": conn_id, "server": server, **extra, "limits": limits})
 
 

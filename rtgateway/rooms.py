@@ -1,25 +1,27 @@
-"""Rooms and the hub that holds them, behind a small broker seam.
+"""Rooms, and the hub that owns them and their numbering.
 
 A :class:`Room` owns its members: only the room adds, removes and fans out to
 them, and a connection reaches another connection only through that
 connection's outbox. A publication is encoded once, by the room, to the bytes
 of one frame that every member's outbox shares.
 
-The :class:`Hub` is this process's registry of rooms. Publications go through
-a :class:`Broker`: :class:`LocalBroker` numbers and delivers them in-process;
-a broker between processes (Redis) numbers them centrally and calls
-:meth:`Hub.deliver` on every process that has members. Connections and rooms
-do not change when the broker does.
+The :class:`Hub` is this process's registry of rooms and the keeper of each
+room's ``seq``. Alone, it numbers a publication (the room's last ``seq`` + 1)
+and fans it out at once. With a :class:`Broker` between processes (Redis),
+the broker numbers publications centrally and tells the hub what arrived
+through the narrow :class:`RoomEvents` interface the hub implements
+(:meth:`Hub.deliver` and three others): a new broker implements
+:class:`Broker` in one module and touches nothing else.
 
-A room is *live* once the broker delivers its publications here: at once with
-the local broker, once Redis confirmed this process's subscription with Redis.
-A join is answered only when its room is live (its ``on_joined`` callback), so
-the acknowledgement means "every publication from now on reaches you"; until
-then the joiner waits in ``Room.pending``, for at most the broker's timeout.
+A room is *live* once its publications reach this process: at once alone,
+once Redis confirmed this process's subscription with Redis. A join is
+answered only when its room is live (its ``on_joined`` callback), so the
+acknowledgement means "every publication from now on reaches you"; until then
+the joiner waits in ``Room.pending``, for at most ``join_timeout_s``.
 
-Publishers get backpressure by construction: with the local broker a publish
-is fanned out before the publisher's next message is read, so no room has an
-inbound queue to grow; member outboxes are bounded and never wait.
+Publishers get backpressure by construction: alone, a publish is fanned out
+before the publisher's next message is read, so no room has an inbound queue
+to grow; member outboxes are bounded and never wait.
 """
 
 from __future__ import annotations
@@ -33,30 +35,11 @@ from . import protocol
 from .metrics import Metrics
 from .outbox import Outbox
 
-__all__ = [
-    "Broker",
-    "BrokerOutcomeUnknown",
-    "BrokerUnavailable",
-    "Hub",
-    "JoinCallback",
-    "LocalBroker",
-    "Room",
-]
+__all__ = ["Broker", "Hub", "JoinCallback", "Room", "RoomEvents"]
 
 # Called once per join with the room's member count, or None when the broker
 # could not make the room live in time (the joiner is then not a member).
 JoinCallback = Callable[[int | None], None]
-
-
-class BrokerUnavailable(Exception):
-    """Not published: the broker could not take it (Redis is down, or never got it).
-
-    Retrying cannot duplicate the publication.
-    """
-
-
-class BrokerOutcomeUnknown(Exception):
-    """Sent to the broker but not confirmed in time: it may or may not have been published."""
 
 
 class Room:
@@ -65,36 +48,46 @@ class Room:
     def __init__(self, name: str, live: bool) -> None:
         self.name = name
         self.members: dict[Outbox, str] = {}
-        self.seq = 0
-        self.live = live  # the broker delivers this room's publications here
+        self.seq = 0  # the last publication delivered here
+        self.live = live  # its publications reach this process
         # Joiners waiting for the room to become live: their policy and callback.
         self.pending: dict[Outbox, tuple[str, JoinCallback]] = {}
         self.pending_timer: asyncio.TimerHandle | None = None
 
     def fan_out(self, frame: bytes) -> int:
         for outbox, policy in self.members.items():
-            outbox.push(frame, policy)
+            disconnect = outbox.push(frame, policy)
+            if disconnect is not None:
+                outbox.kill(disconnect)  # not reading, and its policy says so
         return len(self.members)
 
 
 class Broker(Protocol):
-    def submit(self, room: str, ts_ms: int, data: bytes, started: float) -> Awaitable[int]:
-        """Publish to every member everywhere, in submission order; await the ``seq``.
+    """What the hub needs of a broker between processes (``broker.RedisBroker``)."""
 
-        ``started`` is the ``time.perf_counter()`` at which the publication was
-        read. Raises :exc:`BrokerUnavailable` when it cannot be taken now.
-        """
-        ...
+    def attach(self, events: RoomEvents) -> None:
+        """The hub this broker tells what arrives (called once, by the hub)."""
 
     @property
     def available(self) -> bool:
         """Whether a room can become live now (False while Redis is down)."""
         ...
 
+    def submit(
+        self, room: str, floor: int, ts_ms: int, data: bytes, started: float
+    ) -> Awaitable[int]:
+        """Number and publish to every member everywhere, in submission order.
+
+        ``floor`` is the highest ``seq`` delivered in the room here; the
+        awaitable gives the publication's ``seq``. Raises
+        :exc:`~rtgateway.errors.BrokerUnavailable` when it cannot be taken now.
+        """
+        ...
+
     def room_opened(self, room: str) -> bool:
         """The first local joiner came to ``room``; return whether it is live already.
 
-        If not, the broker calls :meth:`Hub.room_live` once it is.
+        If not, the broker calls :meth:`RoomEvents.room_live` once it is.
         """
         ...
 
@@ -102,33 +95,65 @@ class Broker(Protocol):
         """The last local member or joiner left ``room``."""
 
 
-class Hub:
-    """This process's rooms. Single-threaded: only the event loop calls it."""
+class RoomEvents(Protocol):
+    """What a broker may tell the hub, and ask it: :class:`Hub` implements it."""
 
-    def __init__(self, metrics: Metrics, join_timeout_s: float = 2.0) -> None:
+    def seq(self, name: str) -> int:
+        """The highest ``seq`` delivered here in ``name`` (0: none, or no such room)."""
+        ...
+
+    def deliver(self, name: str, seq: int, ts_ms: int, data: bytes, started: float) -> int:
+        """Fan a numbered publication out to this process's members; how many got it."""
+        ...
+
+    def room_live(self, name: str) -> None:
+        """``name``'s publications reach this process from now on."""
+
+    def broker_down(self) -> None:
+        """The broker lost its connection: no room is live until it says so again."""
+
+
+class Hub:
+    """This process's rooms and their numbering. Single-threaded: only the event loop calls it."""
+
+    def __init__(
+        self, metrics: Metrics, broker: Broker | None = None, *, join_timeout_s: float = 2.0
+    ) -> None:
         self.metrics = metrics
+        self.broker = broker  # None: this process alone numbers and delivers
         self.join_timeout_s = join_timeout_s
         self.rooms: dict[str, Room] = {}
-        self.broker: Broker = LocalBroker(self)
+        if broker is not None:
+            broker.attach(self)
+
+    @property
+    def available(self) -> bool:
+        return self.broker is None or self.broker.available
+
+    # Membership.
 
     def join(self, name: str, member: Outbox, policy: str, on_joined: JoinCallback) -> None:
         """Make ``member`` a member of ``name`` once the room is live; then ``on_joined``.
 
         ``on_joined`` runs before any publication reaches the new member: at
         once when the room is live, else when the broker confirms it (with
-        ``None`` if it cannot within ``join_timeout_s``).
+        ``None`` if it cannot within ``join_timeout_s``, or is down).
         """
         room = self.rooms.get(name)
         if room is None:
-            if not self.broker.available:
+            if not self.available:
                 on_joined(None)
                 return
-            room = self.rooms[name] = Room(name, live=False)
-            self.metrics.rooms_current += 1
-            room.live = self.broker.room_opened(name)
+            room = self.rooms[name] = Room(name, live=self.broker is None)
+            self.metrics.room_opened()
+            if self.broker is not None:
+                room.live = self.broker.room_opened(name)
         if room.live:
             self._add(room, member, policy)
             on_joined(len(room.members))
+            return
+        if not self.available:
+            on_joined(None)
             return
         room.pending[member] = (policy, on_joined)
         if room.pending_timer is None:
@@ -137,38 +162,8 @@ class Hub:
 
     def _add(self, room: Room, member: Outbox, policy: str) -> None:
         if member not in room.members:
-            self.metrics.room_members_current += 1
+            self.metrics.member_joined()
         room.members[member] = policy
-
-    def room_live(self, name: str) -> None:
-        """The broker delivers ``name``'s publications here now: admit its joiners."""
-        room = self.rooms.get(name)
-        if room is None or room.live:
-            return
-        room.live = True
-        self._cancel_pending_timer(room)
-        pending, room.pending = room.pending, {}
-        for member, (policy, on_joined) in pending.items():
-            self._add(room, member, policy)
-            on_joined(len(room.members))
-
-    def broker_down(self) -> None:
-        """The broker lost its connection: no room is live; waiting joins fail now."""
-        for room in list(self.rooms.values()):
-            room.live = False
-            self._joins_failed(room)
-
-    def _joins_failed(self, room: Room) -> None:
-        self._cancel_pending_timer(room)
-        pending, room.pending = room.pending, {}
-        for _policy, on_joined in pending.values():
-            on_joined(None)
-        self._close_if_empty(room)
-
-    def _cancel_pending_timer(self, room: Room) -> None:
-        if room.pending_timer is not None:
-            room.pending_timer.cancel()
-            room.pending_timer = None
 
     def leave(self, name: str, member: Outbox) -> int:
         """Remove ``member``; return how many members remain.
@@ -182,22 +177,37 @@ class Hub:
         if waiting is not None:
             waiting[1](len(room.members) + 1)
         elif room.members.pop(member, None) is not None:
-            self.metrics.room_members_current -= 1
+            self.metrics.member_left()
         remaining = len(room.members)
         self._close_if_empty(room)
         return remaining
+
+    def members(self, name: str) -> int:
+        room = self.rooms.get(name)
+        return len(room.members) if room else 0
+
+    def _joins_failed(self, room: Room) -> None:
+        self._cancel_pending_timer(room)
+        pending, room.pending = room.pending, {}
+        for _policy, on_joined in pending.values():
+            on_joined(None)
+        self._close_if_empty(room)
+
+    def _cancel_pending_timer(self, room: Room) -> None:
+        if room.pending_timer is not None:
+            room.pending_timer.cancel()
+            room.pending_timer = None
 
     def _close_if_empty(self, room: Room) -> None:
         if room.members or room.pending or self.rooms.get(room.name) is not room:
             return
         self._cancel_pending_timer(room)
         del self.rooms[room.name]
-        self.metrics.rooms_current -= 1
-        self.broker.room_closed(room.name)
+        self.metrics.room_closed()
+        if self.broker is not None:
+            self.broker.room_closed(room.name)
 
-    def members(self, name: str) -> int:
-        room = self.rooms.get(name)
-        return len(room.members) if room else 0
+    # Publishing.
 
     def submit(
         self, name: str, data: bytes, ts_ms: int | None = None, started: float | None = None
@@ -205,16 +215,27 @@ class Hub:
         """Publish JSON ``data`` (already encoded) to room ``name`` now; await its seq.
 
         What follows the call is ordered after it: publications submitted one
-        after another keep their order without waiting for each other. Raises
-        :exc:`BrokerUnavailable` when the broker cannot take it now; the
-        awaitable may raise :exc:`BrokerUnavailable` or
-        :exc:`BrokerOutcomeUnknown`.
+        after another keep their order without waiting for each other. Alone,
+        the publication is numbered and fanned out before this returns (``seq``
+        0 when the room has no members: nobody saw it, nothing was numbered).
+        Raises :exc:`~rtgateway.errors.BrokerUnavailable` when the broker
+        cannot take it now; the awaitable may raise ``BrokerUnavailable`` or
+        ``BrokerOutcomeUnknown``.
         """
         if started is None:
             started = time.perf_counter()
         if ts_ms is None:
             ts_ms = time.time_ns() // 1_000_000
-        return self.broker.submit(name, ts_ms, data, started)
+        if self.broker is not None:
+            return self.broker.submit(name, self.seq(name), ts_ms, data, started)
+        room = self.rooms.get(name)
+        seq = 0
+        if room is not None:
+            seq = room.seq + 1
+            self.deliver(name, seq, ts_ms, data, started)
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        done.set_result(seq)
+        return done
 
     async def publish(
         self, name: str, data: bytes, ts_ms: int | None = None, started: float | None = None
@@ -222,8 +243,9 @@ class Hub:
         """:meth:`submit`, then wait for the seq."""
         return await self.submit(name, data, ts_ms, started)
 
+    # RoomEvents: what the broker tells the hub.
+
     def seq(self, name: str) -> int:
-        """The highest ``seq`` delivered here in ``name`` (0: none, or no such room)."""
         room = self.rooms.get(name)
         return room.seq if room is not None else 0
 
@@ -241,27 +263,18 @@ class Hub:
         self.metrics.published(recipients, time.perf_counter() - started)
         return recipients
 
+    def room_live(self, name: str) -> None:
+        room = self.rooms.get(name)
+        if room is None or room.live:
+            return
+        room.live = True
+        self._cancel_pending_timer(room)
+        pending, room.pending = room.pending, {}
+        for member, (policy, on_joined) in pending.items():
+            self._add(room, member, policy)
+            on_joined(len(room.members))
 
-class LocalBroker:
-    """Numbers publications per room and delivers them in this process."""
-
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
-
-    def submit(self, room: str, ts_ms: int, data: bytes, started: float) -> Awaitable[int]:
-        target = self.hub.rooms.get(room)
-        seq = 0  # nobody is there to see it; nothing is numbered
-        if target is not None:
-            seq = target.seq + 1
-            self.hub.deliver(room, seq, ts_ms, data, started)
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(seq)
-        return done
-
-    available = True
-
-    def room_opened(self, room: str) -> bool:
-        return True
-
-    def room_closed(self, room: str) -> None:
-        pass
+    def broker_down(self) -> None:
+        for room in list(self.rooms.values()):
+            room.live = False
+            self._joins_failed(room)

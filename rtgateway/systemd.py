@@ -1,13 +1,12 @@
 """sd_notify: readiness, status, watchdog and stopping, only under systemd.
 
-Nothing is sent unless ``NOTIFY_SOCKET`` is set. The watchdog is fed from an
-asyncio task, so a stalled event loop stops feeding it and systemd restarts
-the service.
+Nothing is sent unless ``NOTIFY_SOCKET`` is set. The gateway feeds the
+watchdog from its event loop (``app.py``), so a stalled loop stops feeding it
+and systemd restarts the service.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 import sdnotify
@@ -24,11 +23,6 @@ class Notifier:
     def notify(self, *lines: str) -> None:
         if self._notifier is not None:
             self._notifier.notify("\n".join(lines))
-
-    async def watchdog(self, interval_s: float) -> None:
-        while True:
-            self.notify("WATCHDOG=1")
-            await asyncio.sleep(interval_s)
 
 
 def watchdog_interval(environ: dict[str, str] | None = None) -> float | None:

@@ -22,8 +22,8 @@ from support import GatewayProcess, http_get
 from rtgateway.api import MAX_BATCH_ITEMS, ApiServer
 from rtgateway.app import Gateway
 from rtgateway.client import Client
-from rtgateway.connection import MESSAGE_ENVELOPE_BYTES
-from rtgateway.rooms import BrokerOutcomeUnknown, BrokerUnavailable
+from rtgateway.protocol import MESSAGE_ENVELOPE_BYTES
+from rtgateway.errors import BrokerOutcomeUnknown, BrokerUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 5.0
@@ -222,7 +222,12 @@ class FailingBroker:
     def __init__(self, error: type[Exception]) -> None:
         self.error = error
 
-    def submit(self, room: str, ts_ms: int, data: bytes, started: float) -> asyncio.Future[int]:
+    def attach(self, events: object) -> None:
+        pass
+
+    def submit(
+        self, room: str, floor: int, ts_ms: int, data: bytes, started: float
+    ) -> asyncio.Future[int]:
         failed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         failed.set_exception(self.error())
         return failed
@@ -670,7 +675,7 @@ async def test_connection_close_and_http10_end_the_connection() -> None:
 
 
 async def own_api(gw: Any, **limits: Any) -> tuple[ApiServer, int]:
-    api = ApiServer(gw.gateway, addr="127.0.0.1:0", **limits)
+    api = ApiServer(gw.gateway.ctx, gw.gateway.state, addr="127.0.0.1:0", **limits)
     await api.start()
     return api, int(api.addresses[0].rsplit(":", 1)[1])
 

@@ -296,12 +296,12 @@ async def test_hostile_request_gets_no_500_and_no_traceback(
 # The log's defence: a repeated error is written a bounded number of times.
 
 FAULT = """
-import rtgateway.connection as connection
+import rtgateway.session as session
 
 def join(self, msg):
     raise RuntimeError("injected fault " + msg.room)
 
-connection.Session.join = join
+session.Session.join = join
 """
 
 

@@ -102,12 +102,12 @@ async def test_every_error_code_over_the_wire() -> None:
 async def test_internal_error_answers_internal_and_keeps_the_connection(
     gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def broken(*args: object, **kwargs: object) -> int:
+    def broken(*args: object, **kwargs: object) -> int:
         raise RuntimeError("injected fault")
 
     async with Client.connect(gateway.ws_url) as c:
         await c.join("r")
-        monkeypatch.setattr(gateway.gateway.hub, "publish", broken)
+        monkeypatch.setattr(gateway.gateway.hub, "submit", broken)
         await expect_error(c.publish("r", 1), "internal")
         monkeypatch.undo()
         assert await c.publish("r", 2) == 1
