@@ -51,7 +51,7 @@ from .metrics import Metrics
 from .outbox import Flusher
 from .rooms import Hub
 from .state import Context, Limits, ServerState
-from .systemd import Notifier, watchdog_interval
+from .notify import Notifier, watchdog_interval
 from .worker import HostMetrics, WorkerInfo, WorkerSocket
 
 if TYPE_CHECKING:

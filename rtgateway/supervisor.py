@@ -40,7 +40,7 @@ import uvloop
 
 from . import log
 from .config import Config, parse_addr
-from .systemd import Notifier, watchdog_interval
+from .notify import Notifier, watchdog_interval
 from .worker import ADDR_ENV, DIR_ENV, INDEX_ENV, socket_path
 
 __all__ = ["Supervisor", "supervise"]

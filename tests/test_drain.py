@@ -142,7 +142,7 @@ def test_sd_notify_ready_status_watchdog_then_stopping(tmp_path: Path) -> None:
 
 
 def test_nothing_is_sent_without_notify_socket() -> None:
-    from rtgateway.systemd import Notifier, watchdog_interval
+    from rtgateway.notify import Notifier, watchdog_interval
 
     notifier = Notifier({})
     assert not notifier.enabled
