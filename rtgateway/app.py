@@ -48,10 +48,10 @@ from .errors import DRAIN
 from .http import load_static, process_request, process_response
 from .log import get_logger
 from .metrics import Metrics
+from .notify import Notifier, watchdog_interval
 from .outbox import Flusher
 from .rooms import Hub
 from .state import Context, Limits, ServerState
-from .notify import Notifier, watchdog_interval
 from .worker import HostMetrics, WorkerInfo, WorkerSocket
 
 if TYPE_CHECKING:

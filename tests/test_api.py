@@ -22,8 +22,8 @@ from support import GatewayProcess, http_get
 from rtgateway.api import MAX_BATCH_ITEMS, ApiServer
 from rtgateway.app import Gateway
 from rtgateway.client import Client
-from rtgateway.protocol import MESSAGE_ENVELOPE_BYTES
 from rtgateway.errors import BrokerOutcomeUnknown, BrokerUnavailable
+from rtgateway.protocol import MESSAGE_ENVELOPE_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 5.0
