@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -96,15 +97,20 @@ class Http:
         return Reply(int(status_line.split()[1]), headers, body)
 
     async def closed_by_server(self) -> bool:
-        """Whether the server closes the connection (EOF) within the timeout."""
-        async with asyncio.timeout(TIMEOUT):
-            try:
-                return await self.reader.read() == b""
-            except ConnectionResetError:
-                return True
+        """Whether the server closes the connection (EOF) within the timeout; ours closes too."""
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                try:
+                    return await self.reader.read() == b""
+                except ConnectionResetError:
+                    return True
+        finally:
+            await self.close()
 
     async def close(self) -> None:
         self.writer.close()
+        with contextlib.suppress(OSError):  # a reset from the server is a close too
+            await self.writer.wait_closed()
 
 
 def api_port(gw: Any) -> int:
@@ -736,7 +742,6 @@ async def test_connections_past_the_limit_get_503() -> None:
             assert int(reply.headers["retry-after"]) >= 1
             assert await extra.closed_by_server()
             await held[0].close()
-            await extra.close()
 
             async def admitted() -> bool:
                 again = await Http.open(port)
@@ -745,6 +750,7 @@ async def test_connections_past_the_limit_get_503() -> None:
                 return reply.status == 200
 
             await eventually(admitted)  # a freed slot is usable again
+            await held[1].close()
         finally:
             await api.stop()
 
