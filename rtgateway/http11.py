@@ -544,8 +544,8 @@ def _check_head(head: bytearray) -> int | None:
     Each of these lets a proxy in front that reads the head otherwise see
     another request in the same bytes (RFC 9112 §11.2), and each is a 400
     here: obsolete line folding (h11 unfolds it; RFC 9112 §5.2), control
-    characters in a field (h11 takes them), ``Content-Length`` given twice or
-    as a list (h11 takes equal ones), ``Content-Length`` beside
+    characters in a field (h11 takes all but NUL), ``Content-Length`` given
+    twice or as a list (h11 takes equal ones), ``Content-Length`` beside
     ``Transfer-Encoding`` (h11 lets the coding win; RFC 9112 §6.1 allows it),
     and a coding other than a single ``chunked`` (h11 answers 501).
     ``Content-Length`` may carry leading zeros (RFC 9110 §8.6); h11 reads at
