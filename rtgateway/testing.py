@@ -125,9 +125,9 @@ class GatewayProcess:
             exited = self.proc.poll()
             self.kill()
             why = f"exited with {exited}" if exited is not None else f"not ready in {timeout:g} s"
+            what = shlex.join([Path(self.command[0]).name, *self.command[1:]])
             raise RuntimeError(
-                f"{shlex.join(self.command[1:])} {why}, no {self.ready_event} event:\n"
-                + "\n".join(self.lines[-50:])
+                f"{what} {why}, no {self.ready_event} event:\n" + "\n".join(self.lines[-50:])
             )
         return self
 
