@@ -25,7 +25,8 @@ PURE = {
     "config": {"errors", "protocol"},
     "ratelimit": set(),
     "admission": set(),
-    "http11": set(),
+    "http11": {"httpmsg"},
+    "httpmsg": set(),
     "client": set(),
     "testing": set(),
 }
