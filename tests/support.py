@@ -8,8 +8,8 @@
   :func:`supervisor` runs one with two workers on a broker.
 - :func:`wait_until` polls a condition from a thread, :func:`eventually` from
   the event loop: a wait on a state, never a sleep that hopes it is reached.
-- :func:`free_port` picks a port outside the ephemeral range for daemons
-  (Prometheus, Redis, containers) that cannot be told to bind port 0.
+- :func:`free_port` (the launcher's) picks a port outside the ephemeral range
+  for daemons (Prometheus, Redis, containers) that cannot be told to bind port 0.
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import re
 import shutil
-import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -30,6 +28,7 @@ from typing import Any
 import pytest
 
 from rtgateway import testing
+from rtgateway.testing import free_port
 
 __all__ = [
     "IN_CI",
@@ -68,19 +67,6 @@ def require_tool(name: str) -> str:
     require(path, f"needs {name} on PATH (run `make test` as root to install it)")
     assert path is not None
     return path
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A free TCP port in 20000-32767: below the ephemeral range (32768-60999)."""
-    for _ in range(200):
-        port = random.randint(20000, 32767)
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port found")
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str, dict[str, str]]:

@@ -20,9 +20,9 @@ from support import ROOT, require
 
 pytestmark = [
     pytest.mark.system,
-    # k6/smoke.py still starts its gateway with a launcher of its own, which leaves its
-    # output pipe open (it moves onto rtgateway.testing.GatewayProcess, whose pipe is
-    # reported too: see tests/support.py). Nothing else of these tests may warn.
+    # k6/smoke.py starts its gateway with rtgateway.testing.GatewayProcess, which leaves
+    # its output pipe open (reported to the lead; tests/support.py works around it for
+    # the tests' own gateways). Nothing else of these tests may warn.
     pytest.mark.filterwarnings("ignore:unclosed file <_io.TextIOWrapper:ResourceWarning"),
 ]
 
