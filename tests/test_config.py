@@ -20,16 +20,19 @@ from rtgateway.config import SETTINGS, ConfigError, env_name, load, parse_addr
     ],
 )
 def test_parse_addr_accepts_the_documented_forms(text: str, expected: tuple[str, int]) -> None:
+    """parse_addr reads :PORT, HOST:PORT and [IPV6]:PORT."""
     assert parse_addr(text) == expected
 
 
 @pytest.mark.parametrize("text", ["8083", "host", ":99999", "[nothex]:1", "::1:80", ""])
 def test_parse_addr_refuses_other_forms(text: str) -> None:
+    """parse_addr refuses a bare port, a bare host, a bad port and unbracketed IPv6."""
     with pytest.raises(ValueError):
         parse_addr(text)
 
 
 def test_defaults_match_the_settings_table() -> None:
+    """The defaults are the ones the README's settings table gives."""
     config = load({})
     assert config.addr == ":8083"
     assert config.max_message_bytes == 65536
@@ -41,6 +44,7 @@ def test_defaults_match_the_settings_table() -> None:
 
 
 def test_environment_sets_values_and_flags_beat_it() -> None:
+    """RTG_* variables set values, and a flag beats its variable."""
     config = load(
         {"RTG_ADDR": "127.0.0.1:9000", "RTG_MAX_CONNECTIONS": "10"}, {"max_connections": "20"}
     )
@@ -64,12 +68,14 @@ def test_environment_sets_values_and_flags_beat_it() -> None:
 def test_invalid_values_name_the_setting_and_what_it_accepts(
     env: dict[str, str], fragment: str
 ) -> None:
+    """An invalid value's error names the setting and what it accepts."""
     with pytest.raises(ConfigError) as info:
         load(env)
     assert str(info.value).startswith(fragment)
 
 
 def test_readme_documents_every_setting() -> None:
+    """README.md documents every RTG_* setting."""
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [env_name(s.name) for s in SETTINGS if f"`{env_name(s.name)}`" not in readme]
     assert not missing, f"README.md lacks {missing}"

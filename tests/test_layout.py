@@ -124,3 +124,23 @@ def test_every_module_has_its_test_module() -> None:
     """Tests mirror the modules: each module of the package has tests/test_<module>.py."""
     assert where_tested("__main__").name == "test_main.py"
     assert [m for m in MODULES if not where_tested(m).exists()] == []
+
+
+# Test modules whose docstrings are still their author's to write (reported to the lead).
+UNDOCUMENTED = {"test_http11.py"}
+
+
+def test_every_test_says_in_one_line_what_it_shows() -> None:
+    """Each test function has a one-line docstring stating the behaviour it shows."""
+    missing = []
+    for path in sorted(TESTS.glob("test_*.py")):
+        if path.name in UNDOCUMENTED:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith(
+                "test"
+            ):
+                doc = ast.get_docstring(node)
+                if not doc or "\n" in doc.strip():
+                    missing.append(f"{path.name}::{node.name}")
+    assert missing == []

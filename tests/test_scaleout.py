@@ -189,6 +189,7 @@ async def interleaved_publishes(
 
 
 def test_workers_without_a_broker_refuse_to_start() -> None:
+    """RTG_WORKERS=2 without RTG_BROKER_URL exits 2 with one line naming it."""
     proc = subprocess.run(
         [sys.executable, "-m", "rtgateway"],
         env={**os.environ, "RTG_WORKERS": "2", "RTG_BROKER_URL": "", "RTG_ADDR": "127.0.0.1:0"},
@@ -203,6 +204,7 @@ def test_workers_without_a_broker_refuse_to_start() -> None:
 
 
 async def test_workers_share_a_room_in_one_order(redis_server: RedisServer) -> None:
+    """Two workers share a room: both publish and both see one order; one scrape covers both."""
     with supervisor(redis_server.url) as gw:
         a, b = await clients_on_each_worker(gw)
         await in_step([a, b])
@@ -224,6 +226,7 @@ async def test_workers_share_a_room_in_one_order(redis_server: RedisServer) -> N
 async def test_killed_worker_is_replaced_while_the_other_serves(
     redis_server: RedisServer,
 ) -> None:
+    """A SIGKILLed worker is replaced while the other serves; the replacement shares rooms again."""
     with supervisor(redis_server.url) as gw:
         a, b = await clients_on_each_worker(gw)
         await in_step([a, b])
@@ -256,6 +259,7 @@ async def test_killed_worker_is_replaced_while_the_other_serves(
 
 
 async def test_redis_restart_gives_unavailable_then_recovers(redis_server: RedisServer) -> None:
+    """Redis stopped: unavailable, pings answered; back: workers reconnect, share rooms."""
     with supervisor(redis_server.url) as gw:
         a, b = await clients_on_each_worker(gw)
         await in_step([a, b])
@@ -293,6 +297,7 @@ async def test_redis_restart_gives_unavailable_then_recovers(redis_server: Redis
 
 
 async def test_sigterm_drains_every_worker(redis_server: RedisServer) -> None:
+    """SIGTERM to the supervisor: every worker's clients get 1012 and it exits 0."""
     with supervisor(redis_server.url) as gw:
         clients = await clients_on_each_worker(gw)
         gw.signal(signal.SIGTERM)
@@ -317,6 +322,7 @@ async def two_hosts(redis: RedisServer) -> AsyncIterator[tuple[str, str]]:
 
 
 async def test_single_gateways_on_one_redis_share_rooms(redis_server: RedisServer) -> None:
+    """Two single gateways on one Redis share a room in one order."""
     async with two_hosts(redis_server) as (one, two):
         a = await Client.connect(one.replace("http", "ws"))
         b = await Client.connect(two.replace("http", "ws"))
@@ -377,6 +383,7 @@ def _post_json(url: str, body: Any) -> tuple[int, Any]:
 async def test_publish_api_on_worker_zero_reaches_every_worker(
     redis_server: RedisServer,
 ) -> None:
+    """The publish API, served by worker 0, reaches members on every worker with one seq."""
     api_port = free_port()
     with supervisor(redis_server.url, RTG_API_ADDR=f"127.0.0.1:{api_port}") as gw:
         a, b = await clients_on_each_worker(gw)

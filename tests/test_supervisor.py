@@ -216,6 +216,7 @@ class NotifySocket:
 async def test_supervisor_alone_speaks_to_systemd(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
+    """Only the supervisor's pid notifies: READY=1 once, WATCHDOG=1 stopped by a stalled worker."""
     notify = NotifySocket(str(tmp_path / "notify"))
     try:
         env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"}
@@ -259,6 +260,7 @@ async def test_supervisor_alone_speaks_to_systemd(
 
 
 def test_supervisor_exits_1_when_workers_cannot_start(tmp_path: Path) -> None:
+    """Workers that die at start-up: the supervisor gives up with status 1, never ready."""
     # Every worker process dies at interpreter start-up (a sitecustomize that
     # exits when it sees the worker index), as a missing dependency would.
     (tmp_path / "sitecustomize.py").write_text(
@@ -290,6 +292,7 @@ def test_supervisor_exits_1_when_workers_cannot_start(tmp_path: Path) -> None:
 async def test_sighup_to_the_supervisor_and_its_workers_drains_and_removes_the_runtime_dir(
     tmp_path: Path,
 ) -> None:
+    """SIGHUP to every process of the unit: 1012, workers exit 0, the runtime dir is removed."""
     env = {
         "RTG_WORKERS": "2",
         # Nothing listens there: the workers serve without a broker, which
