@@ -122,7 +122,12 @@ async def test_slow_consumer_in_busy_room_does_not_slow_fast_members(
     assert gw.port is not None
     fast = [await joined_raw(gw.port, "busy") for _ in range(N_FAST)]
     slow = await joined_raw(gw.port, "busy", policy=policy, rcvbuf=4096)
-    await asyncio.sleep(0.5)
+    await asyncio.to_thread(
+        wait_until,
+        lambda: metric(gw, "rtgateway_room_members_current") == N_FAST + 1,
+        10,
+        what="every member joined",
+    )
     rss_before = rss_bytes(gw)
 
     progress = [[0] for _ in fast]

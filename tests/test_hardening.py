@@ -13,7 +13,7 @@ import contextlib
 import json
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -27,7 +27,7 @@ from hardening_support import (
     tls_client_hello,
     tracebacks,
 )
-from support import GatewayProcess, http_get
+from support import GatewayProcess, eventually, http_get, wait_until
 from websockets.exceptions import InvalidStatus
 from wire import (
     OP_BINARY,
@@ -70,18 +70,6 @@ async def raw(port: int, path: str = "/ws", **kwargs: Any) -> RawConnection:
     conn = await RawConnection.open(port, path, **kwargs)
     _opened.append(conn)
     return conn
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    """Poll ``predicate`` on the event loop until it is truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
-        await asyncio.sleep(0.02)
 
 
 async def eventually_metric(
@@ -134,11 +122,33 @@ async def answer_close(conn: RawConnection, code: int | None) -> None:
     await conn.close()
 
 
-@contextlib.contextmanager
-def no_new_tracebacks(proc: GatewayProcess) -> Iterator[None]:
+async def log_caught_up(proc: GatewayProcess) -> None:
+    """Wait until every line the gateway wrote so far has been read from its pipe.
+
+    The gateway writes its lines in order: once a marker connection's own
+    ``connection_closed`` line (debug level) is read, every earlier one is.
+    """
+    assert proc.port is not None
+    marker = await RawConnection.open(proc.port, "/ws/echo")
+    await marker.send_frame(OP_CLOSE, close_payload(1000))
+    await marker.wait_eof()
+    await marker.close()
+    port = marker.writer.get_extra_info("sockname")[1]
+
+    def marker_closed() -> bool:
+        return any(
+            e.get("event") == "connection_closed" and e.get("peer") == f"127.0.0.1:{port}"
+            for e in proc.events
+        )
+
+    await asyncio.to_thread(wait_until, marker_closed, 10, what="the marker's closing line")
+
+
+@contextlib.asynccontextmanager
+async def no_new_tracebacks(proc: GatewayProcess) -> AsyncIterator[None]:
     start = len(proc.lines)
     yield
-    time.sleep(0.2)  # the log reader thread catches up
+    await log_caught_up(proc)
     bad = tracebacks(proc.lines[start:])
     assert not bad, "exceptions in the gateway log:\n" + "\n".join(bad[:5])
 
@@ -146,7 +156,9 @@ def no_new_tracebacks(proc: GatewayProcess) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def proc() -> Iterator[GatewayProcess]:
     """One gateway subprocess for the rows that read the log; a 1 s open timeout."""
-    with GatewayProcess({"RTG_OPEN_TIMEOUT_S": "1", "RTG_STATS_INTERVAL_S": "0"}) as gw:
+    # Debug level: connection_closed lines are what log_caught_up() waits for.
+    env = {"RTG_OPEN_TIMEOUT_S": "1", "RTG_STATS_INTERVAL_S": "0", "RTG_LOG_LEVEL": "debug"}
+    with GatewayProcess(env) as gw:
         yield gw
         assert not tracebacks(gw.lines), "\n".join(tracebacks(gw.lines)[:5])
 
@@ -161,7 +173,7 @@ async def test_slowloris_handshake_is_dropped_at_the_open_timeout_and_counted(
     assert proc.port is not None
     before = metric(await ascrape(proc.url), REJECTIONS, "timeout")
     request = handshake_request("/ws")
-    with no_new_tracebacks(proc):
+    async with no_new_tracebacks(proc):
         conn = await RawConnection.connect(proc.port)
         eof = asyncio.ensure_future(conn.wait_eof(timeout=30))
         sent = 0
@@ -171,7 +183,8 @@ async def test_slowloris_handshake_is_dropped_at_the_open_timeout_and_counted(
                     break
                 await conn.send(bytes([byte]))
                 sent += 1
-                await asyncio.sleep(0.05)  # ~9 s for the request, against a 1 s timeout
+                # The trickle is the attack: ~9 s for the request, against a 1 s timeout.
+                await asyncio.sleep(0.05)
             response = await eof
         finally:
             conn.abort()
@@ -221,7 +234,7 @@ async def test_malformed_request_gets_4xx_or_close_without_traceback(
     rejected_before = sum(
         v for (name, _), v in (await ascrape(proc.url)).items() if name == REJECTIONS
     )
-    with no_new_tracebacks(proc):
+    async with no_new_tracebacks(proc):
         response = await http_exchange(proc.port, data, timeout=15)
         if statuses is None:
             # Not HTTP at all: a 400 or a plain close, never an upgrade.
@@ -581,13 +594,16 @@ async def test_half_a_frame_then_reset_ends_the_handler_counted_as_aborted(
     """Half a frame then a reset ends the handler, counted as aborted, without a traceback."""
     assert proc.port is not None
     before = metric(await ascrape(proc.url), DISCONNECTS, "aborted")
-    with no_new_tracebacks(proc):
+    async with no_new_tracebacks(proc):
         conn = await RawConnection.open(proc.port, path)
         frame = encode_frame(OP_TEXT, b'{"op":"ping","id":1}' * 10)
         await conn.send(frame[: len(frame) // 2])
-        await asyncio.sleep(0.1)
+        # The half frame is in the gateway's receive queue (loopback delivers on send): once
+        # the gateway has answered a later handshake, its loop has read the half frame too.
+        probe = await RawConnection.open(proc.port, "/ws/echo")
+        probe.abort()
         conn.abort()
-        await eventually_metric(proc.url, DISCONNECTS, ("aborted",), before + 1)
+        await eventually_metric(proc.url, DISCONNECTS, ("aborted",), before + 2)
         samples = await ascrape(proc.url)
         assert metric(samples, "rtgateway_connections_current") == 0
 
@@ -822,7 +838,8 @@ async def test_live_peer_survives_many_ping_intervals() -> None:
     async with gateway(ping_interval_s=0.1, ping_timeout_s=0.3) as gw:
         async with Client.connect(gw.ws_url) as client:
             await client.join("room")
-            await asyncio.sleep(1.0)  # ten pings, each answered by the websockets client
+            # Time passing is the condition: ten pings, each answered by the websockets client.
+            await asyncio.sleep(1.0)
             assert (await client.ping())["op"] == "pong"
         assert gw.metrics.disconnects["ping_timeout"] == 0
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from conftest import RunningGateway, running_gateway
 from httpc import request, upgrade_headers
+from support import eventually
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -103,7 +102,7 @@ async def test_connection_gauge_and_counters_follow_real_connections(
     assert sample(text, "rtgateway_connections_current") == 5
     for ws in clients[:2]:
         await ws.close()
-    await asyncio.sleep(0.1)
+    await eventually(lambda: gateway.metrics.connections_current == 3, what="two closes seen")
     text = await metrics_text(gateway)
     assert sample(text, "rtgateway_connections_current") == 3
     assert sample(text, "rtgateway_connections_total") == 5
@@ -132,7 +131,7 @@ async def test_past_the_connection_limit_handshakes_get_503_with_retry_after() -
         assert (await request(gw.port, "/healthz"))[0] == 200
         # A slot frees up when a client leaves.
         await clients[0].close()
-        await asyncio.sleep(0.05)
+        await eventually(lambda: gw.metrics.connections_current == 2, what="the close seen")
         async with connect(gw.echo_url) as ws:
             await ws.send("again")
             assert await ws.recv() == "again"

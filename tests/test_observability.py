@@ -519,7 +519,7 @@ async def publish_until(
         reply = await request(ws, {"op": "publish", "room": room, "data": PAYLOAD, "id": 1000 + i})
         if reply["op"] == "error":
             assert reply["code"] == "rate_limited", reply
-            await asyncio.sleep(reply["retry_after_ms"] / 1000)
+            await asyncio.sleep(reply["retry_after_ms"] / 1000)  # as a client is told to
         if i % 4 == 3 and await asyncio.to_thread(metric_value, port, *moved):
             return i + 1
     raise AssertionError(f"{moved} did not move after {limit} publishes to {room}")

@@ -7,6 +7,7 @@ import json
 
 import pytest
 from conftest import RunningGateway, running_gateway
+from support import eventually
 from websockets.asyncio.client import connect
 
 from rtgateway.client import Client, ServerError
@@ -169,11 +170,7 @@ async def test_rooms_are_removed_when_their_last_member_disconnects(
     assert gateway.metrics.room_members_current == 10
     for c in clients:
         await c.close()
-    for _ in range(100):
-        if gateway.metrics.rooms_current == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert gateway.metrics.rooms_current == 0
+    await eventually(lambda: gateway.metrics.rooms_current == 0, what="every room closed")
     assert gateway.metrics.room_members_current == 0
     assert gateway.gateway.hub.rooms == {}
 
@@ -229,7 +226,7 @@ async def test_joins_and_publishes_during_a_drain_get_draining() -> None:
     async with running_gateway(drain_window_s=2.0) as gw:
         clients = [await Client.open(gw.ws_url) for _ in range(60)]
         stop_task = asyncio.create_task(gw.gateway.stop())
-        await asyncio.sleep(0)
+        await eventually(lambda: gw.gateway.state.draining, what="the drain started")
         replies = await asyncio.gather(*(c.join("late") for c in clients), return_exceptions=True)
         codes = {r.code for r in replies if isinstance(r, ServerError)}
         assert codes == {"draining"}

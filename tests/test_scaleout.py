@@ -139,7 +139,7 @@ async def in_step(clients: list[Client], room: str = ROOM) -> None:
     async with asyncio.timeout(15):
         while True:
             await publisher.publish("probe", room)
-            await asyncio.sleep(0.05)
+            # Each client not served yet waits a moment for the probe (_has_message).
             ready = [bool(c.messages) or await _has_message(c) for c in clients]
             if all(ready):
                 break

@@ -497,7 +497,8 @@ def test_a_stalled_event_loop_trips_the_watchdog_and_is_restarted(
         appliance.systemctl("restart", "rtgateway.service")
         before = appliance.machine.show("MainPID", "NRestarts", "WatchdogUSec")
         assert before["WatchdogUSec"] == "2s"
-        # A live loop feeds the watchdog: the service outlives several periods.
+        # A live loop feeds the watchdog: the service outlives several periods (time
+        # passing is the condition).
         time.sleep(5)
         assert appliance.machine.show("MainPID", "NRestarts") == {
             "MainPID": before["MainPID"],
