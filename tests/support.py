@@ -164,5 +164,9 @@ def supervisor(broker_url: str, **env: str) -> Iterator[SupervisorProcess]:
     proc.start(timeout=30)
     try:
         yield proc
+    except BaseException:
+        # What the supervisor and its workers said: pytest shows it with the failure.
+        print("--- supervisor and workers, last lines\n" + "\n".join(proc.lines[-60:]))
+        raise
     finally:
         proc.kill()
