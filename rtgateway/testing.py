@@ -196,7 +196,8 @@ class GatewayProcess:
             self.proc.wait(10)
 
     def __enter__(self) -> Self:
-        return self.start()
+        # ``with GatewayProcess(...).start() as gw`` must not start a second one.
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
