@@ -22,13 +22,19 @@ from __future__ import annotations
 
 import heapq
 import hmac
-import json
 from collections.abc import Awaitable
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import parse_qs, unquote
+from urllib.parse import unquote
 
 from . import __version__, protocol
+from .apimsg import (
+    API_ERROR_CODES,
+    HTTP_ERROR_CODES,
+    ApiError,
+    load_json,
+    page_of,
+)
 from .config import parse_addr
 from .errors import BrokerOutcomeUnknown, BrokerUnavailable
 from .http11 import (
@@ -58,43 +64,6 @@ __all__ = [
     "ApiServer",
 ]
 
-# Codes for failures that only HTTP has; the room protocol's codes mean the same here.
-HTTP_ERROR_CODES: Final = (
-    "bad_request",
-    "unauthorized",
-    "not_found",
-    "method_not_allowed",
-    "unsupported_media_type",
-    "request_timeout",
-)
-API_ERROR_CODES: Final = (*protocol.ERROR_CODES, *HTTP_ERROR_CODES)
-STATUS_OF: Final = {
-    "bad_json": 400,
-    "bad_message": 400,
-    "invalid_room": 400,
-    "bad_request": 400,
-    "unauthorized": 401,
-    "not_found": 404,
-    "method_not_allowed": 405,
-    "request_timeout": 408,
-    "message_too_large": 413,
-    "unsupported_media_type": 415,
-    "rate_limited": 429,
-    "internal": 500,
-    "draining": 503,
-    "unavailable": 503,
-    "outcome_unknown": 504,
-}
-# The code of each status that the HTTP layer refuses with on its own.
-CODE_OF: Final = {
-    400: "bad_request",
-    408: "request_timeout",
-    413: "message_too_large",
-    431: "bad_request",
-    500: "internal",
-    503: "unavailable",
-}
-
 # Route templates and their methods. The template is the ``endpoint`` label.
 ROUTES: Final = {
     "/api/publish": ("POST",),
@@ -109,48 +78,6 @@ ROOM_PREFIX: Final = "/api/rooms/"
 
 MAX_BATCH_ITEMS: Final = 100
 BATCH_BODY_FACTOR: Final = 16  # a batch body may be this many times RTG_MAX_MESSAGE_BYTES
-MAX_PAGE: Final = 1000
-DEFAULT_PAGE: Final = 100
-
-
-class ApiError(HttpError):
-    """A request the API refuses: answered with ``{"error": {"code", "message"}}``.
-
-    ``close`` ends the connection after the answer (the request could not be
-    read to its end); ``headers`` go with the answer; ``index`` is the
-    position of the offending publication in a batch.
-    """
-
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        *,
-        status: int | None = None,
-        close: bool = False,
-        headers: dict[str, str] | None = None,
-        index: int | None = None,
-    ) -> None:
-        assert code in API_ERROR_CODES, code
-        super().__init__(status or STATUS_OF[code], message, close=close, headers=headers)
-        self.code = code
-        self.index = index
-
-    @classmethod
-    def from_http(cls, error: HttpError) -> ApiError:
-        """The API's form of a refusal from the HTTP layer."""
-        if isinstance(error, ApiError):
-            return error
-        code = CODE_OF.get(error.status, "internal" if error.status >= 500 else "bad_request")
-        return cls(
-            code, error.message, status=error.status, close=error.close, headers=error.headers
-        )
-
-    def response(self) -> Response:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.index is not None:
-            error["index"] = self.index
-        return Response.json(self.status, {"error": error}, self.headers, close=self.close)
 
 
 def route(path: str) -> tuple[str, str | None]:
@@ -165,28 +92,6 @@ def route(path: str) -> tuple[str, str | None]:
             except UnicodeDecodeError:
                 return "/api/rooms/{room}", room  # "%" makes it an invalid room
     return OTHER, None
-
-
-def load_json(body: bytes) -> Any:
-    """Parse a request body like the room protocol parses a message."""
-    try:
-        return json.loads(
-            body.decode("utf-8"),
-            parse_constant=_reject_constant,
-            parse_float=protocol.finite_float,
-        )
-    except UnicodeDecodeError:
-        raise ApiError("bad_json", "the body is not UTF-8") from None
-    except RecursionError:
-        raise ApiError("bad_json", "the body is nested too deeply") from None
-    except ValueError:
-        # JSONDecodeError, NaN/Infinity, numbers out of range (1e999), and
-        # integers past Python's 4300-digit limit.
-        raise ApiError("bad_json", "the body is not valid JSON") from None
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 class ApiServer:
@@ -401,31 +306,7 @@ class ApiServer:
         return Response.json(200, {"room": room, "members": self.ctx.hub.members(room)})
 
     def _rooms(self, query: str) -> Response:
-        try:
-            params = parse_qs(query, keep_blank_values=True, errors="strict", max_num_fields=64)
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError("bad_request", "malformed query string") from None
-        limit = DEFAULT_PAGE
-        cursor = None
-        for name, values in params.items():
-            if name in ("limit", "cursor") and len(values) > 1:
-                raise ApiError("bad_request", f"{name} given more than once")
-        if "limit" in params:
-            text = params["limit"][0]
-            # The length first: int() of more than 4300 digits raises.
-            digits = text.lstrip("0") or "0"
-            if not (
-                text.isascii()
-                and text.isdigit()
-                and len(digits) <= 4
-                and 1 <= int(digits) <= MAX_PAGE
-            ):
-                raise ApiError("bad_request", f"limit must be an integer from 1 to {MAX_PAGE}")
-            limit = int(digits)
-        if "cursor" in params:
-            cursor = params["cursor"][0]
-            if not protocol.valid_room(cursor):
-                raise ApiError("bad_request", "cursor must be the next_cursor of a page")
+        limit, cursor = page_of(query, protocol.valid_room, "the next_cursor of a page")
         hub = self.ctx.hub
         after = (name for name in hub.rooms if cursor is None or name > cursor)
         names = heapq.nsmallest(limit + 1, after)

@@ -18,6 +18,7 @@ PURE = {
     "errors": set(),
     "protocol": {"errors"},
     "config": {"errors", "protocol"},
+    "apimsg": {"protocol", "httpmsg"},
     "ratelimit": set(),
     "admission": set(),
     "http11": {"httpmsg"},
