@@ -9,8 +9,10 @@ this one faces the backends and should stay private.
 Publications go through :meth:`Hub.publish <rtgateway.rooms.Hub.publish>`,
 the very call a WebSocket client's publish makes, so members see one ``seq``
 sequence in one order whichever side published. The room protocol's rules
-apply (room names, size, encodability, its error codes); HTTP adds a few codes
-of its own (:data:`HTTP_ERROR_CODES`). Body limits are set here per route:
+apply (room names, size, encodability, its error codes, and of the room
+namespaces, that a room of an undeclared namespace may be refused; the API
+may publish wherever clients may not); HTTP adds a few codes of its own
+(:data:`HTTP_ERROR_CODES`). Body limits are set here per route:
 ``RTG_MAX_MESSAGE_BYTES``, :data:`BATCH_BODY_FACTOR` times it for a batch. The
 bearer token is compared in constant time and never logged.
 
@@ -231,10 +233,7 @@ class ApiServer:
         if not isinstance(item.get("room"), str):
             raise ApiError("bad_message", "room is required, a string", index=index)
         room: str = item["room"]
-        if not protocol.valid_room(room):
-            raise ApiError(
-                "invalid_room", "room must be 1-128 characters of A-Z a-z 0-9 _ . : -", index=index
-            )
+        self._check_room(room, index)
         if "data" not in item:
             raise ApiError("bad_message", "data is required", index=index)
         try:
@@ -300,9 +299,21 @@ class ApiServer:
                 results.append({"error": {"code": "outcome_unknown", "message": message}})
         return Response.json(200, results)
 
-    def _room(self, room: str) -> Response:
+    def _check_room(self, room: str, index: int | None = None) -> None:
+        """A valid room name, in a namespace that is not refused."""
         if not protocol.valid_room(room):
-            raise ApiError("invalid_room", "room must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+            raise ApiError(
+                "invalid_room", "room must be 1-128 characters of A-Z a-z 0-9 _ . : -", index=index
+            )
+        if self.ctx.hub.namespaces.rules_for(room) is None:
+            raise ApiError(
+                "unknown_namespace",
+                f"{room.partition(':')[0]} is not a namespace of this gateway",
+                index=index,
+            )
+
+    def _room(self, room: str) -> Response:
+        self._check_room(room)
         return Response.json(200, {"room": room, "members": self.ctx.hub.members(room)})
 
     def _rooms(self, query: str) -> Response:
@@ -325,6 +336,7 @@ class ApiServer:
                 "connections": ctx.metrics.connections_current,
                 "rooms": len(ctx.hub.rooms),
                 "draining": self.state.draining,
+                **ctx.hub.namespaces.describe(),
             },
         )
 

@@ -53,6 +53,7 @@ STATUS_OF: Final = {
     "bad_request": 400,
     "unauthorized": 401,
     "not_found": 404,
+    "unknown_namespace": 404,
     "method_not_allowed": 405,
     "request_timeout": 408,
     "message_too_large": 413,

@@ -40,6 +40,7 @@ from websockets.asyncio.server import Server, serve
 from websockets.version import version as websockets_version
 
 from . import __version__
+from . import namespaces as namespaces_
 from .admission import Admission
 from .api import ApiServer
 from .config import Config
@@ -48,6 +49,7 @@ from .errors import DRAIN
 from .http import load_static, process_request, process_response
 from .log import get_logger
 from .metrics import Metrics
+from .namespaces import Namespaces
 from .notify import Notifier, watchdog_interval
 from .outbox import Flusher
 from .rooms import Hub
@@ -89,10 +91,13 @@ class Gateway:
         *,
         notifier: Notifier | None = None,
         worker: WorkerInfo | None = None,
+        namespaces: Namespaces | None = None,
     ) -> None:
         self.config = config
         self.worker = worker  # None: a single-process gateway
         self.log = get_logger()
+        # The rules of RTG_ROOMS_FILE (read here unless __main__ did: ConfigError).
+        self.namespaces = namespaces or namespaces_.from_config(config)
         self.metrics = Metrics(version=__version__, websockets_version=websockets_version)
         self.broker: RedisBroker | None = None
         if config.broker_url:
@@ -106,7 +111,12 @@ class Gateway:
                 room_ttl_s=config.broker_room_ttl_s,
             )
             self.metrics.broker_state(connected=False)
-        self.hub = Hub(self.metrics, self.broker, join_timeout_s=config.broker_timeout_s)
+        self.hub = Hub(
+            self.metrics,
+            self.broker,
+            join_timeout_s=config.broker_timeout_s,
+            namespaces=self.namespaces,
+        )
         self.notifier = notifier or Notifier()
         self.server_name = f"rtgateway/{__version__}"
         self.last_tick = time.monotonic()  # the event loop's heartbeat, for the supervisor
@@ -171,6 +181,7 @@ class Gateway:
 
     def _context(self, loop: asyncio.AbstractEventLoop) -> Context:
         config = self.config
+        default = self.namespaces.default
         return Context(
             config=config,
             metrics=self.metrics,
@@ -187,8 +198,9 @@ class Gateway:
                 "rate_limit_bytes_per_s": config.rate_limit_bytes_per_s,
                 "outbox_max_messages": config.outbox_max_messages,
                 "outbox_max_bytes": config.outbox_max_bytes,
-                "slow_consumer_policy": config.slow_consumer_policy,
-                "slow_consumer_policies": list(config.slow_consumer_policies),
+                # The default namespace's (a join's ack gives its room's).
+                "slow_consumer_policy": default.policy,
+                "slow_consumer_policies": list(default.policies),
                 "ping_interval_s": config.ping_interval_s,
             },
             # Which worker answered, in a multi-process gateway.
@@ -207,6 +219,7 @@ class Gateway:
             websockets=websockets_version,
             loop=type(loop).__module__,
             config=config.as_log_fields(),
+            namespaces=list(self.namespaces.names),
         )
         admission: Admission[GatewayConnection] = Admission(
             max_pending=config.max_pending_handshakes,  # 0: derived in _limits()
@@ -358,7 +371,7 @@ class Gateway:
             messages_sent=m.messages_sent,
             publishes=m.publishes,
             deliveries=m.deliveries,
-            dropped=sum(m.dropped.values()),
+            dropped=m.dropped_total,
             outbox_queued_bytes=self.state.queued_bytes if self.state else 0,
         )
 

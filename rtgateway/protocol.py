@@ -60,6 +60,11 @@ ERROR_CODES: Final = (
     "internal",
     "outcome_unknown",
     "room_limit",
+    # Room namespaces (namespaces.py).
+    "room_full",
+    "publish_not_allowed",
+    "join_not_allowed",
+    "unknown_namespace",
 )
 
 POLICIES: Final = ("disconnect", "drop_oldest", "drop_newest")

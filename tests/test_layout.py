@@ -18,6 +18,7 @@ PURE = {
     "errors": set(),
     "protocol": {"errors"},
     "config": {"errors", "protocol"},
+    "namespaces": {"errors", "protocol", "config"},
     "apimsg": {"protocol", "httpmsg"},
     "ratelimit": set(),
     "admission": set(),

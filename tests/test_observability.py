@@ -38,7 +38,15 @@ from typing import Any
 
 import pytest
 import yaml
-from support import ROOT, GatewayProcess, free_port, http_get, require_tool, wait_until
+from support import (
+    ROOT,
+    GatewayProcess,
+    free_port,
+    http_get,
+    require_tool,
+    sample_sum,
+    wait_until,
+)
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -473,10 +481,7 @@ async def request(ws: ClientConnection, msg: dict[str, Any]) -> dict[str, Any]:
 
 def metric_value(port: int, name: str, labels: str = "") -> float:
     _, body, _ = http_get(f"http://127.0.0.1:{port}/metrics")
-    for line in body.splitlines():
-        if line.startswith(f"{name}{labels} "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return sample_sum(body, name, labels)
 
 
 async def member(port: int, room: str, policy: str | None, *, slow: bool) -> ClientConnection:
@@ -642,7 +647,7 @@ def _scrape_restart_and_load(
     # Wait for a scrape taken after the load, and for enough samples for rate().
     final = metric_value(port, "rtgateway_publishes_total")
     wait_until(
-        lambda: values(prom.query(f'rtgateway_publishes_total{{job="{JOB}"}}')) == [final],
+        lambda: sum(values(prom.query(f'rtgateway_publishes_total{{job="{JOB}"}}'))) == final,
         30,
         0.2,
         "a scrape after the load",
