@@ -12,12 +12,15 @@ sequence in one order whichever side published. The room protocol's rules
 apply (room names, size, encodability, its error codes, and of the room
 namespaces, that a room of an undeclared namespace may be refused; the API
 may publish wherever clients may not); HTTP adds a few codes of its own
-(:data:`HTTP_ERROR_CODES`). Body limits are set here per route:
+(:data:`HTTP_ERROR_CODES`). Moderation (disconnect a connection, remove it
+from a room, list a room's connections) goes through the
+:class:`~rtgateway.moderation.Moderator`, which finds the connection on
+whichever process holds it. Body limits are set here per route:
 ``RTG_MAX_MESSAGE_BYTES``, :data:`BATCH_BODY_FACTOR` times it for a batch. The
 bearer token is compared in constant time and never logged.
 
 This module must not touch WebSocket connections or outboxes: it only calls
-the hub.
+the hub and the moderator.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import heapq
 import hmac
 from collections.abc import Awaitable
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import unquote
 
 from . import __version__, protocol
@@ -34,11 +37,13 @@ from .apimsg import (
     API_ERROR_CODES,
     HTTP_ERROR_CODES,
     ApiError,
+    conn_id_of,
     load_json,
     page_of,
+    reason_of,
 )
 from .config import parse_addr
-from .errors import BrokerOutcomeUnknown, BrokerUnavailable
+from .errors import KICK_CODES, KICKED, BrokerOutcomeUnknown, BrokerUnavailable
 from .http11 import (
     BODY_TIMEOUT_S,
     HEADER_TIMEOUT_S,
@@ -55,7 +60,10 @@ from .http11 import (
 )
 
 if TYPE_CHECKING:
+    from .moderation import Moderator
     from .state import Context, ServerState
+
+T = TypeVar("T")
 
 __all__ = [
     "API_ERROR_CODES",
@@ -72,6 +80,9 @@ ROUTES: Final = {
     "/api/publish/batch": ("POST",),
     "/api/rooms": ("GET", "HEAD"),
     "/api/rooms/{room}": ("GET", "HEAD"),
+    "/api/rooms/{room}/connections": ("GET", "HEAD"),
+    "/api/disconnect": ("POST",),
+    "/api/remove": ("POST",),
     "/api/info": ("GET", "HEAD"),
     "/api/openapi.yaml": ("GET", "HEAD"),
 }
@@ -87,12 +98,13 @@ def route(path: str) -> tuple[str, str | None]:
     if path in ROUTES:
         return path, None
     if path.startswith(ROOM_PREFIX):
-        room = path[len(ROOM_PREFIX) :]
-        if room and "/" not in room:
+        room, slash, rest = path[len(ROOM_PREFIX) :].partition("/")
+        if room and (not slash or rest == "connections"):
+            endpoint = "/api/rooms/{room}/connections" if slash else "/api/rooms/{room}"
             try:
-                return "/api/rooms/{room}", unquote(room, errors="strict")
+                return endpoint, unquote(room, errors="strict")
             except UnicodeDecodeError:
-                return "/api/rooms/{room}", room  # "%" makes it an invalid room
+                return endpoint, room  # "%" makes it an invalid room
     return OTHER, None
 
 
@@ -194,11 +206,18 @@ class ApiServer:
             self._refuse_while_draining()
             if batch:
                 return await self._publish_batch(load_json(body), started)
+            if endpoint == "/api/disconnect":
+                return await self._disconnect(load_json(body))
+            if endpoint == "/api/remove":
+                return await self._remove(load_json(body))
             return await self._publish(load_json(body), started)
         await read_body(self.max_body_bytes)
         if endpoint == "/api/rooms/{room}":
             assert room is not None
             return self._room(room)
+        if endpoint == "/api/rooms/{room}/connections":
+            assert room is not None
+            return await self._connections(room, request.query)
         if endpoint == "/api/rooms":
             return self._rooms(request.query)
         if endpoint == "/api/info":
@@ -339,6 +358,64 @@ class ApiServer:
                 **ctx.hub.namespaces.describe(),
             },
         )
+
+    # Moderation.
+
+    @property
+    def moderator(self) -> Moderator:
+        assert self.ctx.moderator is not None, "the gateway gives every API a moderator"
+        return self.ctx.moderator
+
+    async def _disconnect(self, body: Any) -> Response:
+        conn_id = conn_id_of(body)
+        code = body.get("code", KICKED.code)
+        if isinstance(code, float) and code.is_integer():
+            code = int(code)  # 4000.0 is an integer to JSON
+        if not isinstance(code, int) or isinstance(code, bool) or code not in KICK_CODES:
+            raise ApiError("bad_message", "code must be an integer from 4000 to 4499, except 4008")
+        reason = reason_of(body)
+        result = await _moderated(self.moderator.disconnect(conn_id, code, reason))
+        if result != "done":
+            raise ApiError("unknown_connection", f"no connection {conn_id} is open")
+        return Response.json(200, {"conn_id": conn_id, "code": code, "reason": reason})
+
+    async def _remove(self, body: Any) -> Response:
+        conn_id = conn_id_of(body)
+        room = body.get("room")
+        if not isinstance(room, str):
+            raise ApiError("bad_message", "room is required, a string")
+        self._check_room(room)
+        reason = reason_of(body)
+        result = await _moderated(self.moderator.remove(conn_id, room, reason))
+        if result == "not_joined":
+            raise ApiError("not_joined", f"{conn_id} is not a member of {room}")
+        if result != "done":
+            raise ApiError("unknown_connection", f"no connection {conn_id} is open")
+        return Response.json(200, {"conn_id": conn_id, "room": room})
+
+    async def _connections(self, room: str, query: str) -> Response:
+        self._check_room(room)
+        limit, cursor = page_of(query, protocol.valid_conn_id, "the next_cursor of a page")
+        page, next_cursor = await _moderated(self.moderator.connections(room, cursor, limit))
+        connections = [{"conn_id": conn_id, "joined_at": joined} for conn_id, joined in page]
+        return Response.json(
+            200, {"room": room, "connections": connections, "next_cursor": next_cursor}
+        )
+
+
+async def _moderated(pending: Awaitable[T]) -> T:
+    """A moderation request through the broker, its failures as the API's errors."""
+    try:
+        return await pending
+    except BrokerUnavailable:
+        raise ApiError(
+            "unavailable", "the broker could not carry the request; retry", headers=retry_after()
+        ) from None
+    except BrokerOutcomeUnknown:
+        raise ApiError(
+            "outcome_unknown",
+            "the gateway holding the connection did not confirm in time; it may have been done",
+        ) from None
 
 
 def _is_loopback(address: str) -> bool:

@@ -5,8 +5,9 @@
 (:data:`STATUS_OF`); the codes are the room protocol's
 (``protocol.ERROR_CODES``) and a few of the API's own
 (:data:`HTTP_ERROR_CODES`). The readers here parse a body like the room
-protocol parses a message (:func:`load_json`) and a listing's ``limit`` and
-``cursor`` (:func:`page_of`), and raise :class:`ApiError`.
+protocol parses a message (:func:`load_json`), a listing's ``limit`` and
+``cursor`` (:func:`page_of`), and the fields of the moderation routes
+(:func:`conn_id_of`, :func:`reason_of`), and raise :class:`ApiError`.
 
 Pure: no I/O, no state; ``api.py`` is their only user.
 """
@@ -29,8 +30,10 @@ __all__ = [
     "MAX_PAGE",
     "STATUS_OF",
     "ApiError",
+    "conn_id_of",
     "load_json",
     "page_of",
+    "reason_of",
 ]
 
 MAX_PAGE: Final = 1000
@@ -44,6 +47,7 @@ HTTP_ERROR_CODES: Final = (
     "method_not_allowed",
     "unsupported_media_type",
     "request_timeout",
+    "unknown_connection",
 )
 API_ERROR_CODES: Final = (*protocol.ERROR_CODES, *HTTP_ERROR_CODES)
 STATUS_OF: Final = {
@@ -53,7 +57,9 @@ STATUS_OF: Final = {
     "bad_request": 400,
     "unauthorized": 401,
     "not_found": 404,
+    "unknown_connection": 404,
     "unknown_namespace": 404,
+    "not_joined": 404,
     "method_not_allowed": 405,
     "request_timeout": 408,
     "message_too_large": 413,
@@ -135,6 +141,31 @@ def load_json(body: bytes) -> Any:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def conn_id_of(body: Any) -> str:
+    if not isinstance(body, dict):
+        raise ApiError("bad_message", "the body must be an object")
+    conn_id = body.get("conn_id")
+    if not protocol.valid_conn_id(conn_id):
+        raise ApiError("bad_message", "conn_id is required: the conn_id of a client's hello")
+    assert isinstance(conn_id, str)
+    return conn_id
+
+
+def reason_of(body: dict[str, Any]) -> str:
+    """A moderation's ``reason``: what fits in a close frame (empty when not given)."""
+    reason = body.get("reason", "")
+    try:
+        size = len(reason.encode()) if isinstance(reason, str) else -1
+    except UnicodeEncodeError:  # a lone surrogate
+        size = -1
+    if not 0 <= size <= protocol.MAX_REASON_BYTES:
+        raise ApiError(
+            "bad_message",
+            f"reason must be a string of at most {protocol.MAX_REASON_BYTES} bytes of UTF-8",
+        )
+    return str(reason)
 
 
 def page_of(

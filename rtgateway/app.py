@@ -32,6 +32,7 @@ import math
 import platform
 import random
 import resource
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,7 @@ from .errors import DRAIN
 from .http import load_static, process_request, process_response
 from .log import get_logger
 from .metrics import Metrics
+from .moderation import Moderator
 from .namespaces import Namespaces
 from .notify import Notifier, watchdog_interval
 from .outbox import Flusher
@@ -98,6 +100,9 @@ class Gateway:
         self.log = get_logger()
         # The rules of RTG_ROOMS_FILE (read here unless __main__ did: ConfigError).
         self.namespaces = namespaces or namespaces_.from_config(config)
+        # This process's token: the first part of its connections' ids, and
+        # its control channel's name with a broker (moderation.py).
+        self.node = secrets.token_urlsafe(6)
         self.metrics = Metrics(version=__version__, websockets_version=websockets_version)
         self.broker: RedisBroker | None = None
         if config.broker_url:
@@ -109,6 +114,7 @@ class Gateway:
                 self.log,
                 timeout_s=config.broker_timeout_s,
                 room_ttl_s=config.broker_room_ttl_s,
+                node=self.node,
             )
             self.metrics.broker_state(connected=False)
         self.hub = Hub(
@@ -179,7 +185,7 @@ class Gateway:
         )
         return limits
 
-    def _context(self, loop: asyncio.AbstractEventLoop) -> Context:
+    def _context(self, loop: asyncio.AbstractEventLoop, state: ServerState) -> Context:
         config = self.config
         default = self.namespaces.default
         return Context(
@@ -206,6 +212,8 @@ class Gateway:
             # Which worker answered, in a multi-process gateway.
             hello_extra={} if self.worker is None else {"worker": self.worker.index},
             static=load_static() if config.demo else {},
+            node=self.node,
+            moderator=Moderator(self.node, state.sessions, state.session_of, self.hub, self.broker),
         )
 
     async def start(self) -> None:
@@ -219,6 +227,7 @@ class Gateway:
             websockets=websockets_version,
             loop=type(loop).__module__,
             config=config.as_log_fields(),
+            node=self.node,
             namespaces=list(self.namespaces.names),
         )
         admission: Admission[GatewayConnection] = Admission(
@@ -227,7 +236,7 @@ class Gateway:
             max_connections_per_address=config.max_connections_per_address,
         )
         state = self.state = ServerState(self._limits(admission), admission)
-        ctx = self.ctx = self._context(loop)
+        ctx = self.ctx = self._context(loop, state)
         self.metrics.live = state
         await self._serve_websockets(ctx, state)
         api_addresses: list[str] = []

@@ -14,7 +14,10 @@ websockets:
 
 The room protocol applies the rules of each room's namespace
 (:mod:`~rtgateway.namespaces`): who may join, who may publish, how many
-members a room may have here, the policies, a publish rate per namespace.
+members a room may have here, the policies, a publish rate per namespace. A
+:class:`Session` is registered in the server state by its ``conn_id`` while it
+is open, so that the backend can moderate it (:mod:`~rtgateway.moderation`:
+:meth:`Session.kick`, :meth:`Session.remove`).
 
 Everything a handler sends goes through its :class:`~rtgateway.outbox.Outbox`;
 what the outbox cannot take is the handler's to act on (a slow consumer is
@@ -25,6 +28,7 @@ handling one costs that message, never the connection.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
 from collections.abc import Awaitable
@@ -32,6 +36,7 @@ from typing import Any, Protocol
 
 from . import protocol
 from .errors import (
+    KICKED,
     RATE_LIMITED,
     BrokerOutcomeUnknown,
     BrokerUnavailable,
@@ -150,13 +155,17 @@ class Echo(_Base):
 class Session(_Base):
     """The room protocol on ``/ws`` for one connection."""
 
-    __slots__ = ("conn_id", "joining", "publish_limits", "rooms", "state")
+    __slots__ = ("conn_id", "joined", "joining", "publish_limits", "rooms", "state")
 
     def __init__(self, ctx: Context, state: ServerState, outbox: Outbox, conn_id: str) -> None:
         super().__init__(ctx, outbox)
         self.state = state
-        self.conn_id = conn_id
+        # The id says which gateway process holds the connection (its node),
+        # so that the backend's moderation reaches it; an id that has a dot
+        # is already routable.
+        self.conn_id = conn_id if "." in conn_id or not ctx.node else f"{ctx.node}.{conn_id}"
         self.rooms: dict[str, str] = {}  # room -> this connection's policy there
+        self.joined: dict[str, int] = {}  # room -> when the join took effect, epoch ms
         # Rooms whose join waits for the broker -> the ids to acknowledge then.
         self.joining: dict[str, list[protocol.MessageId]] = {}
         # Namespace (its index) -> this connection's publish bucket there.
@@ -168,15 +177,35 @@ class Session(_Base):
 
     def open(self) -> None:
         ctx = self.ctx
+        self.state.session_started(self)
         self.reply(
             protocol.hello(self.conn_id, ctx.server_name, ctx.hello_limits, **ctx.hello_extra)
         )
 
     def closed(self) -> None:
+        self.state.session_ended(self)
         hub = self.ctx.hub
         for room in list(self.rooms):
             hub.leave(room, self.outbox)
         self.rooms.clear()
+        self.joined.clear()
+
+    # Moderation (the backend, through the publish API: moderation.py).
+
+    def kick(self, code: int, reason: str) -> None:
+        """Close with the backend's code and reason, after what is queued; counted ``kicked``."""
+        self.outbox.close(dataclasses.replace(KICKED, code=code, reason=reason))
+
+    def remove(self, room: str, reason: str) -> bool:
+        """Leave ``room`` and tell the client (``removed``); False when not a member."""
+        if room not in self.rooms or self.outbox.closed:
+            return False
+        del self.rooms[room]
+        # A join still waiting for the broker is acknowledged first (hub.leave).
+        self.ctx.hub.leave(room, self.outbox)
+        self.joined.pop(room, None)
+        self.reply(protocol.removed(room, reason))
+        return True
 
     def received(self, message: str | bytes) -> Awaitable[None] | None:
         started = time.perf_counter()
@@ -277,6 +306,8 @@ class Session(_Base):
             for id in ids:
                 self.error("unavailable", "the gateway could not join the room now; retry", id)
             return
+        if room in self.rooms:
+            self.joined[room] = time.time_ns() // 1_000_000
         for id in ids:
             if id is not None:
                 self._ack_join(id, room, members, policy, rules)
@@ -295,6 +326,7 @@ class Session(_Base):
             return
         del self.rooms[msg.room]
         members = self.ctx.hub.leave(msg.room, self.outbox)
+        self.joined.pop(msg.room, None)
         if msg.id is not None:
             self.reply(protocol.ack(msg.id, room=msg.room, members=members))
 

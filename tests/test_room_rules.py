@@ -139,8 +139,9 @@ async def test_undeclared_namespace_is_refused_to_clients_and_to_the_api(tmp_pat
             "code": "unknown_namespace",
             "index": 1,
         }
-        status, body = await api(port, "GET", "/api/rooms/other:1")
-        assert status == 404 and body["error"]["code"] == "unknown_namespace"
+        for path in ("/api/rooms/other:1", "/api/rooms/other:1/connections"):
+            status, body = await api(port, "GET", path)
+            assert status == 404 and body["error"]["code"] == "unknown_namespace", path
         # A room without ":" is in the default namespace, which is declared.
         assert (await peer.join("lobby"))["op"] == "ack"
 
