@@ -17,8 +17,10 @@ from typing import Any
 import pytest
 from conftest import RunningGateway, running_gateway
 from redisserver import RedisServer
-from rules_support import Peer, api, peers_on_each_worker, two_workers, write_rules
-from support import http_get, sample_sum
+from rules_support import Peer, api, peers_on_each_worker, readme_rules, two_workers, write_rules
+from support import ROOT, http_get, sample_sum
+
+from rtgateway.protocol import ERROR_CODES
 
 RULES = """
 undeclared_namespaces = "refuse"
@@ -312,3 +314,100 @@ async def test_rules_hold_on_every_worker_with_redis(
         assert [n["namespace"] for n in info["namespaces"]][:3] == ["default", "news", "chat"]
         for peer in (a, a2, b, b2, third):
             await peer.close()
+
+
+# The README's example: news:* for browsers to read, chat:* rooms of at most
+# 1,000 members, nothing else open, and one connection kicked.
+
+
+async def test_readme_example_with_one_worker(tmp_path: Path) -> None:
+    async with gateway(tmp_path, readme_rules()) as gw:
+        port = api_port(gw)
+        reader = await Peer.connect(gw.ws_url)
+        ack = await reader.join("news:eu")
+        assert ack["rules"]["publish"] == "api"
+        assert (await reader.publish("news:eu", "fake news"))["code"] == "publish_not_allowed"
+        status, body = await api(port, "POST", "/api/publish", {"room": "news:eu", "data": "real"})
+        assert (status, body) == (200, {"seq": 1})
+        assert (await reader.message())["data"] == "real"
+        assert (await reader.join("lobby"))["code"] == "join_not_allowed"
+        assert (await reader.join("other:1"))["code"] == "unknown_namespace"
+
+        # 1,000 members in chat:42; the 1,001st is refused.
+        chatters: list[Peer] = []
+        for _ in range(20):
+            batch = await asyncio.gather(*(Peer.connect(gw.ws_url) for _ in range(50)))
+            acks = await asyncio.gather(*(p.join("chat:42") for p in batch))
+            assert all(a["op"] == "ack" for a in acks), [a for a in acks if a["op"] != "ack"]
+            chatters += batch
+        assert acks[-1]["members"] == 1000
+        assert (await reader.join("chat:42"))["code"] == "room_full"
+        assert (await chatters[0].publish("chat:42", "hello"))["op"] == "ack"
+        assert (await chatters[-1].message())["data"] == "hello"
+
+        # The backend finds one connection in the room and kicks it.
+        listed: list[str] = []
+        query = "?limit=1000"
+        while query:
+            status, page = await api(port, "GET", f"/api/rooms/chat:42/connections{query}")
+            assert status == 200, page
+            listed += [c["conn_id"] for c in page["connections"]]
+            query = f"?limit=1000&cursor={page['next_cursor']}" if page["next_cursor"] else ""
+        assert listed == sorted(p.conn_id for p in chatters)
+        target = chatters[500]
+        status, _ = await api(
+            port,
+            "POST",
+            "/api/disconnect",
+            {"conn_id": target.conn_id, "code": 4001, "reason": "spam"},
+        )
+        assert status == 200
+        assert await target.closed() == (4001, "spam")
+        # Its place came free.
+        assert (await reader.join("chat:42"))["members"] == 1000
+        await asyncio.gather(*(p.close() for p in chatters if p is not target))
+
+
+@pytest.mark.system
+@pytest.mark.timeout(120)
+async def test_readme_example_with_two_workers_and_redis(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # (max_members per worker is tested with a cap of 2 above: 1,000 on one
+    # worker would take 2,000 connections here.)
+    with two_workers(redis_server, write_rules(tmp_path, readme_rules())) as gw:
+        (a,), (b,) = await peers_on_each_worker(gw.ws_url + "/ws")
+        for peer in (a, b):
+            assert (await peer.join("news:eu"))["rules"]["publish"] == "api"
+            assert (await peer.publish("news:eu", "fake"))["code"] == "publish_not_allowed"
+            assert (await peer.join("lobby"))["code"] == "join_not_allowed"
+            assert (await peer.join("other:1"))["code"] == "unknown_namespace"
+            assert (await peer.join("chat:42"))["rules"]["max_members"] == 1000
+        status, _ = await api(gw.api_port, "POST", "/api/publish", {"room": "news:eu", "data": "r"})
+        assert status == 200
+        for peer in (a, b):
+            assert (await peer.message())["data"] == "r"
+        assert (await a.publish("chat:42", "across"))["op"] == "ack"
+        assert (await b.message())["data"] == "across"
+        status, page = await api(gw.api_port, "GET", "/api/rooms/chat:42/connections")
+        assert [c["conn_id"] for c in page["connections"]] == sorted([a.conn_id, b.conn_id])
+        # Kick the one on worker 1, from the API that worker 0 serves.
+        status, _ = await api(
+            gw.api_port,
+            "POST",
+            "/api/disconnect",
+            {"conn_id": b.conn_id, "code": 4001, "reason": "spam"},
+        )
+        assert status == 200
+        assert await b.closed() == (4001, "spam")
+        await a.close()
+
+
+def test_every_error_code_is_documented() -> None:
+    """Each code a client or the API can get has its row in docs/protocol.md or docs/api.md."""
+    protocol_doc = (ROOT / "docs" / "protocol.md").read_text()
+    api_doc = (ROOT / "docs" / "api.md").read_text()
+    spec = (ROOT / "docs" / "api.yaml").read_text()
+    assert [c for c in ERROR_CODES if f"| `{c}` |" not in protocol_doc] == []
+    for code in ("unknown_namespace", "unknown_connection", "not_joined"):
+        assert f"`{code}`" in api_doc and f"- {code}" in spec, code
