@@ -15,12 +15,12 @@ import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from redisserver import RedisServer
-from support import ROOT, GatewayProcess, free_port
+from support import ROOT, SupervisorProcess, free_port
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -45,6 +45,7 @@ def readme_rules() -> str:
 
 
 def write_rules(tmp_path: Path, text: str) -> str:
+    """``text`` as ``tmp_path``/rooms.toml; its path."""
     path = tmp_path / "rooms.toml"
     path.write_text(text)
     return str(path)
@@ -54,8 +55,13 @@ class Peer:
     """A room-protocol client that keeps publications and pushes while awaiting replies."""
 
     ids = itertools.count(1)
+    # Every peer opened, so that a test's helper can close those left open
+    # before the gateway goes (a transport open when the loop closes is a
+    # ResourceWarning, an error in this suite).
+    opened: ClassVar[list[Peer]] = []
 
     def __init__(self, ws: ClientConnection, hello: dict[str, Any]) -> None:
+        self.opened.append(self)
         self.ws = ws
         self.hello = hello
         self.conn_id: str = hello["conn_id"]
@@ -128,6 +134,12 @@ class Peer:
     async def close(self) -> None:
         await self.ws.close()
 
+    @classmethod
+    async def close_all(cls) -> None:
+        """Close every peer opened so far, and forget them."""
+        peers, cls.opened[:] = list(cls.opened), []
+        await asyncio.gather(*(peer.close() for peer in peers))
+
 
 async def api(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     """One request to the publish API; its status and JSON body (None for a HEAD)."""
@@ -150,18 +162,17 @@ async def api(port: int, method: str, path: str, body: Any = None) -> tuple[int,
 # Two workers and Redis.
 
 
-class Supervisor(GatewayProcess):
-    """``RTG_WORKERS=2`` as a subprocess: ready once every worker is."""
-
-    ready_event = "supervisor_ready"
+class Supervisor(SupervisorProcess):
+    """``RTG_WORKERS=2`` as a subprocess, and where its publish API listens."""
 
     def __init__(self, env: dict[str, str], api_port: int) -> None:
         super().__init__(env)
         self.api_port = api_port
 
 
-@contextlib.contextmanager
-def two_workers(redis: RedisServer, rooms_file: str, **env: str) -> Iterator[Supervisor]:
+@contextlib.asynccontextmanager
+async def two_workers(redis: RedisServer, rooms_file: str, **env: str) -> AsyncIterator[Supervisor]:
+    """``RTG_WORKERS=2`` on ``redis`` with ``rooms_file``; its peers closed before it is killed."""
     api_port = free_port()
     proc = Supervisor(
         {
@@ -179,7 +190,12 @@ def two_workers(redis: RedisServer, rooms_file: str, **env: str) -> Iterator[Sup
     proc.start(timeout=30)
     try:
         yield proc
+    except BaseException:
+        # What the supervisor and its workers said: pytest shows it with the failure.
+        print("--- supervisor and workers, last lines\n" + "\n".join(proc.lines[-60:]))
+        raise
     finally:
+        await Peer.close_all()
         proc.kill()
 
 

@@ -9,6 +9,7 @@ gateways ("hosts") on one Redis, where it is on the other host.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -43,10 +44,18 @@ def code_of(body: object) -> str:
     return str(body["error"]["code"])
 
 
+@pytest.fixture(autouse=True)
+async def close_peers() -> AsyncIterator[None]:
+    """Peers a test left open are closed before its event loop is."""
+    yield
+    await Peer.close_all()
+
+
 # One process.
 
 
 async def test_disconnect_closes_the_connection_with_the_backends_code_and_reason() -> None:
+    """The backend's code and reason reach the client, counted as kicked; the room goes on."""
     async with running_gateway() as gw:
         port = api_port(gw)
         target, bystander = await Peer.connect(gw.ws_url), await Peer.connect(gw.ws_url)
@@ -74,6 +83,7 @@ def _wait_kicked(gw: RunningGateway, count: int) -> None:
 
 
 async def test_disconnect_defaults_to_4000_without_a_reason() -> None:
+    """A disconnect that names no code closes with 4000 and an empty reason."""
     async with running_gateway() as gw:
         target = await Peer.connect(gw.ws_url)
         status, body = await disconnect(api_port(gw), target.conn_id)
@@ -98,6 +108,7 @@ async def test_disconnect_defaults_to_4000_without_a_reason() -> None:
 async def test_disconnect_refuses_codes_and_reasons_outside_the_documented_range(
     fields: dict[str, object],
 ) -> None:
+    """A code outside 4000-4499 (or 4008), or a reason past 123 bytes, is 400 and closes nothing."""
     async with running_gateway() as gw:
         target = await Peer.connect(gw.ws_url)
         status, body = await disconnect(api_port(gw), target.conn_id, **fields)
@@ -106,6 +117,7 @@ async def test_disconnect_refuses_codes_and_reasons_outside_the_documented_range
 
 
 async def test_disconnect_accepts_the_whole_documented_range() -> None:
+    """Both ends of the code range and a reason of exactly 123 bytes reach the client as sent."""
     assert KICK_CODES[0] == 4000 and KICK_CODES[-1] == 4499 and 4008 not in KICK_CODES
     async with running_gateway() as gw:
         for code, reason in ((4499, "é" * 61), (4009, "x" * 123)):
@@ -116,6 +128,7 @@ async def test_disconnect_accepts_the_whole_documented_range() -> None:
 
 
 async def test_disconnect_of_an_unknown_or_malformed_conn_id() -> None:
+    """An unknown conn_id is 404 unknown_connection; a malformed one, or a body without it, 400."""
     async with running_gateway() as gw:
         port = api_port(gw)
         status, body = await disconnect(port, "nosuchnode.nosuchconn")
@@ -130,6 +143,7 @@ async def test_disconnect_of_an_unknown_or_malformed_conn_id() -> None:
 
 
 async def test_remove_takes_a_member_out_of_a_room_and_tells_it() -> None:
+    """A removed member is told, gets no more of the room's publications, may join again."""
     async with running_gateway() as gw:
         port = api_port(gw)
         target, other = await Peer.connect(gw.ws_url), await Peer.connect(gw.ws_url)
@@ -157,6 +171,7 @@ async def test_remove_takes_a_member_out_of_a_room_and_tells_it() -> None:
 
 
 async def test_remove_refusals() -> None:
+    """An unknown connection is 404, a bad room name 400 invalid_room, a missing room 400."""
     async with running_gateway(rooms_file="") as gw:
         port = api_port(gw)
         peer = await Peer.connect(gw.ws_url)
@@ -169,6 +184,7 @@ async def test_remove_refusals() -> None:
 
 
 async def test_remove_in_a_refused_namespace_is_unknown_namespace(tmp_path: Path) -> None:
+    """A removal from a room of a refused namespace is 404 unknown_namespace."""
     rules = write_rules(tmp_path, 'undeclared_namespaces = "refuse"\n')
     async with running_gateway(rooms_file=rules) as gw:
         peer = await Peer.connect(gw.ws_url)
@@ -177,6 +193,7 @@ async def test_remove_in_a_refused_namespace_is_unknown_namespace(tmp_path: Path
 
 
 async def test_connections_of_a_room_a_page_at_a_time_in_conn_id_order() -> None:
+    """A room's members come in conn_id order a page at a time; bad limits and cursors are 400."""
     async with running_gateway() as gw:
         port = api_port(gw)
         peers = [await Peer.connect(gw.ws_url) for _ in range(5)]
@@ -217,7 +234,8 @@ async def test_connections_of_a_room_a_page_at_a_time_in_conn_id_order() -> None
 async def test_moderation_reaches_the_worker_that_holds_the_connection(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    with two_workers(redis_server, write_rules(tmp_path, "")) as gw:
+    """Two workers, Redis: listing, removal, disconnect reach either worker; no Redis: 503/504."""
+    async with two_workers(redis_server, write_rules(tmp_path, "")) as gw:
         port = gw.api_port
         (a0, b0), (a1, b1) = await peers_on_each_worker(gw.ws_url + "/ws", per_worker=2)
         assert a0.conn_id.split(".")[0] != a1.conn_id.split(".")[0]  # one node per worker
@@ -268,6 +286,7 @@ async def test_moderation_reaches_the_worker_that_holds_the_connection(
 @pytest.mark.system
 @pytest.mark.timeout(60)
 async def test_moderation_reaches_a_connection_on_another_host(redis_server: RedisServer) -> None:
+    """Two gateways on one Redis: one's API lists, removes and kicks a connection of the other."""
     async with (
         running_gateway(broker_url=redis_server.url) as one,
         running_gateway(broker_url=redis_server.url) as two,

@@ -41,6 +41,7 @@ def refusal(text: str, tmp_path: Path) -> str:
 
 
 def test_a_room_is_in_the_namespace_before_its_first_colon(tmp_path: Path) -> None:
+    """news:eu and news:eu:paris are in news; news, newsroom:1 and :x in the default namespace."""
     rules = rules_of('[namespaces.news]\npublish = "api"\n', tmp_path)
     assert rules.rules_for("news:eu").name == "news"  # type: ignore[union-attr]
     assert rules.rules_for("news:eu:paris").name == "news"  # type: ignore[union-attr]
@@ -52,6 +53,7 @@ def test_a_room_is_in_the_namespace_before_its_first_colon(tmp_path: Path) -> No
 
 
 def test_undeclared_namespaces_take_the_default_rules_or_are_refused(tmp_path: Path) -> None:
+    """A room of an undeclared namespace gets the default rules, or none under refuse."""
     allowed = rules_of("[namespaces.chat]\n", tmp_path)
     assert allowed.rules_for("other:1") is allowed.default
     refused = rules_of('undeclared_namespaces = "refuse"\n[namespaces.chat]\n', tmp_path)
@@ -61,6 +63,7 @@ def test_undeclared_namespaces_take_the_default_rules_or_are_refused(tmp_path: P
 
 
 def test_without_a_file_the_settings_are_the_default_namespace() -> None:
+    """Without a file, RTG_PUBLISH_REQUIRES_JOIN and the policy settings are the default rules."""
     rules = namespaces.from_config(Config())
     assert rules.names == ("default",)
     default = rules.default
@@ -87,6 +90,7 @@ def test_without_a_file_the_settings_are_the_default_namespace() -> None:
 def test_keys_a_namespace_leaves_out_come_from_the_settings_and_the_file_wins(
     tmp_path: Path,
 ) -> None:
+    """A key the file gives beats the setting; a key it leaves out takes the setting."""
     text = '[default]\npublish = "clients"\n[namespaces.a]\n[namespaces.b]\npublish = "members"\n'
     rules = rules_of(text, tmp_path, publish_requires_join=True, slow_consumer_policy="drop_newest")
     assert rules.default.publish == "clients"  # the file beats RTG_PUBLISH_REQUIRES_JOIN
@@ -99,6 +103,7 @@ def test_keys_a_namespace_leaves_out_come_from_the_settings_and_the_file_wins(
 
 
 def test_every_key_is_read(tmp_path: Path) -> None:
+    """Every documented key lands in the rules and in their description (ack, /api/info)."""
     text = """
 undeclared_namespaces = "refuse"
 [default]
@@ -143,6 +148,7 @@ publish = "api"
 
 
 def test_the_shipped_example_is_valid_and_does_what_the_readme_says() -> None:
+    """deploy/rooms.toml loads: news published by the API, chat of 1,000, the rest closed."""
     rules = namespaces.load(str(EXAMPLE))
     assert rules.refuse_undeclared
     assert rules.rules_for("lobby").join is False  # type: ignore[union-attr]
@@ -225,10 +231,12 @@ def test_the_shipped_example_is_valid_and_does_what_the_readme_says() -> None:
 def test_a_malformed_rules_file_is_refused_with_the_key_and_what_it_accepts(
     text: str, line: str, tmp_path: Path
 ) -> None:
+    """A malformed file is refused in one line: the file, the key, what it accepts, what it got."""
     assert refusal(text, tmp_path) == line
 
 
 def test_a_file_that_is_not_toml_or_not_there_is_refused(tmp_path: Path) -> None:
+    """A file that is not TOML, or not there, is refused with one line naming it."""
     assert refusal("[namespaces.chat\n", tmp_path).startswith("not valid TOML: ")
     with pytest.raises(ConfigError) as info:
         namespaces.load(str(tmp_path / "missing.toml"))
@@ -236,6 +244,7 @@ def test_a_file_that_is_not_toml_or_not_there_is_refused(tmp_path: Path) -> None
 
 
 def test_parse_of_nothing_is_the_builtin_default() -> None:
+    """An empty table is the default namespace alone, members publishing."""
     rules = parse({}, "")
     assert rules.names == ("default",) and rules.default.publish == "members"
 
@@ -255,6 +264,7 @@ def run_gateway(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 def test_a_bad_rules_file_stops_the_gateway_with_exit_2_and_one_line(
     workers: str, tmp_path: Path
 ) -> None:
+    """A bad file stops a gateway or the supervisor with exit 2 and one line, before any worker."""
     path = tmp_path / "rooms.toml"
     path.write_text("[namespaces.chat]\nmax_members = 'x'\n")
     proc = run_gateway(
@@ -272,6 +282,7 @@ def test_a_bad_rules_file_stops_the_gateway_with_exit_2_and_one_line(
 
 
 def test_a_missing_rules_file_stops_the_gateway_with_exit_2(tmp_path: Path) -> None:
+    """A rules file that is not there stops the gateway with exit 2 and one line naming it."""
     proc = run_gateway({"RTG_ROOMS_FILE": str(tmp_path / "nope.toml")})
     assert proc.returncode == 2
     assert proc.stderr.strip() == (

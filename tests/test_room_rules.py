@@ -71,10 +71,18 @@ async def nothing_published(member: Peer, room: str, port: int) -> None:
     assert (await member.message())["data"] == "marker"
 
 
+@pytest.fixture(autouse=True)
+async def close_peers() -> AsyncIterator[None]:
+    """Peers a test left open are closed before its event loop is."""
+    yield
+    await Peer.close_all()
+
+
 # One worker.
 
 
 async def test_api_only_namespace_refuses_client_publications(tmp_path: Path) -> None:
+    """publish = api: a client's publish is publish_not_allowed, takes no seq; the API's goes."""
     async with gateway(tmp_path) as gw:
         reader, writer = await Peer.connect(gw.ws_url), await Peer.connect(gw.ws_url)
         ack = await reader.join("news:eu")
@@ -89,6 +97,7 @@ async def test_api_only_namespace_refuses_client_publications(tmp_path: Path) ->
 
 
 async def test_members_namespace_takes_members_only(tmp_path: Path) -> None:
+    """publish = members: a stranger's publish is not_joined, a member's goes out, the API's too."""
     async with gateway(tmp_path) as gw:
         member, stranger = await Peer.connect(gw.ws_url), await Peer.connect(gw.ws_url)
         assert (await member.join("chat:1"))["rules"]["publish"] == "members"
@@ -101,6 +110,7 @@ async def test_members_namespace_takes_members_only(tmp_path: Path) -> None:
 
 
 async def test_clients_namespace_takes_anyone(tmp_path: Path) -> None:
+    """publish = clients: a connection that never joined publishes and members get it."""
     async with gateway(tmp_path) as gw:
         member, stranger = await Peer.connect(gw.ws_url), await Peer.connect(gw.ws_url)
         await member.join("open:1")
@@ -110,6 +120,7 @@ async def test_clients_namespace_takes_anyone(tmp_path: Path) -> None:
 
 
 async def test_join_false_namespace_refuses_joins_and_takes_publications(tmp_path: Path) -> None:
+    """join = false: a join is join_not_allowed; clients and the API still publish (to nobody)."""
     async with gateway(tmp_path) as gw:
         peer = await Peer.connect(gw.ws_url)
         reply = await peer.join("inbox:7")
@@ -123,6 +134,7 @@ async def test_join_false_namespace_refuses_joins_and_takes_publications(tmp_pat
 
 
 async def test_undeclared_namespace_is_refused_to_clients_and_to_the_api(tmp_path: Path) -> None:
+    """Refused undeclared namespaces: joins, publishes, batches, room routes: unknown_namespace."""
     async with gateway(tmp_path) as gw:
         peer = await Peer.connect(gw.ws_url)
         assert (await peer.join("other:1"))["code"] == "unknown_namespace"
@@ -149,6 +161,7 @@ async def test_undeclared_namespace_is_refused_to_clients_and_to_the_api(tmp_pat
 
 
 async def test_undeclared_namespace_takes_the_default_rules_unless_refused(tmp_path: Path) -> None:
+    """By default an undeclared namespace gets [default]'s rules, and a declared one its own."""
     text = '[default]\npublish = "api"\n[namespaces.chat]\n'
     async with gateway(tmp_path, text) as gw:
         peer = await Peer.connect(gw.ws_url)
@@ -160,6 +173,7 @@ async def test_undeclared_namespace_takes_the_default_rules_unless_refused(tmp_p
 
 
 async def test_max_members_refuses_the_join_past_it_with_room_full(tmp_path: Path) -> None:
+    """max_members = 2: the third join is room_full, per room, and a leave frees a place."""
     async with gateway(tmp_path) as gw:
         a, b, c = [await Peer.connect(gw.ws_url) for _ in range(3)]
         first = await a.join("chat:1")
@@ -175,6 +189,7 @@ async def test_max_members_refuses_the_join_past_it_with_room_full(tmp_path: Pat
 
 
 async def test_policies_of_a_namespace_are_the_ones_a_join_may_name(tmp_path: Path) -> None:
+    """A join may name only its namespace's policies and gets its default without one."""
     async with gateway(tmp_path) as gw:
         peer = await Peer.connect(gw.ws_url)
         refused = await peer.join("news:1", policy="drop_newest")
@@ -186,6 +201,7 @@ async def test_policies_of_a_namespace_are_the_ones_a_join_may_name(tmp_path: Pa
 async def test_publish_rate_of_a_namespace_is_per_connection_and_namespace(
     tmp_path: Path,
 ) -> None:
+    """A namespace's publish rate refuses past its burst, per connection and per namespace."""
     async with gateway(tmp_path) as gw:
         a, b = await Peer.connect(gw.ws_url), await Peer.connect(gw.ws_url)
         for peer in (a, b):
@@ -203,6 +219,7 @@ async def test_publish_rate_of_a_namespace_is_per_connection_and_namespace(
 
 
 async def test_publish_rate_refusals_count_towards_the_abuse_close(tmp_path: Path) -> None:
+    """Refusals of a namespace's rate count towards RTG_RATE_LIMIT_MAX_REJECTED's 1008 close."""
     async with gateway(tmp_path, rate_limit_max_rejected=3) as gw:
         peer = await Peer.connect(gw.ws_url)
         await peer.join("slow:1")
@@ -216,6 +233,7 @@ async def test_publish_rate_refusals_count_towards_the_abuse_close(tmp_path: Pat
 
 
 async def test_info_lists_the_namespaces(tmp_path: Path) -> None:
+    """/api/info lists the namespaces in the file's order with their rules."""
     async with gateway(tmp_path) as gw:
         status, info = await api(api_port(gw), "GET", "/api/info")
         assert status == 200 and info["undeclared_namespaces"] == "refuse"
@@ -226,6 +244,7 @@ async def test_info_lists_the_namespaces(tmp_path: Path) -> None:
 
 
 async def test_metrics_count_by_namespace_never_by_room(tmp_path: Path) -> None:
+    """Publishes, deliveries, members, drops carry a namespace label; no room name in /metrics."""
     async with gateway(tmp_path) as gw:
         a, b = await Peer.connect(gw.ws_url), await Peer.connect(gw.ws_url)
         for room in ("chat:secret-room", "news:x"):
@@ -255,6 +274,7 @@ async def test_metrics_count_by_namespace_never_by_room(tmp_path: Path) -> None:
 
 
 async def test_without_a_file_everything_works_as_before(tmp_path: Path) -> None:
+    """Without a rules file any room may be joined and published into as before."""
     async with running_gateway(publish_requires_join=False) as gw:
         peer, other = await Peer.connect(gw.ws_url), await Peer.connect(gw.ws_url)
         assert (await other.join("news:eu"))["rules"]["publish"] == "clients"
@@ -270,7 +290,8 @@ async def test_without_a_file_everything_works_as_before(tmp_path: Path) -> None
 async def test_rules_hold_on_every_worker_with_redis(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    with two_workers(redis_server, write_rules(tmp_path, RULES)) as gw:
+    """With two workers and Redis, every rule allows and refuses the same on either worker."""
+    async with two_workers(redis_server, write_rules(tmp_path, RULES)) as gw:
         ws = gw.ws_url + "/ws"
         (a, a2), (b, b2) = await peers_on_each_worker(ws, per_worker=2)
         # news: members on both workers; clients refused everywhere; the API reaches all.
@@ -321,6 +342,7 @@ async def test_rules_hold_on_every_worker_with_redis(
 
 
 async def test_readme_example_with_one_worker(tmp_path: Path) -> None:
+    """The README's file: news read-only, chat:42 full at 1,000, listed, one kicked, room again."""
     async with gateway(tmp_path, readme_rules()) as gw:
         port = api_port(gw)
         reader = await Peer.connect(gw.ws_url)
@@ -373,9 +395,10 @@ async def test_readme_example_with_one_worker(tmp_path: Path) -> None:
 async def test_readme_example_with_two_workers_and_redis(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
+    """The README's file with two workers and Redis: the same rules, a kick on worker 1."""
     # (max_members per worker is tested with a cap of 2 above: 1,000 on one
     # worker would take 2,000 connections here.)
-    with two_workers(redis_server, write_rules(tmp_path, readme_rules())) as gw:
+    async with two_workers(redis_server, write_rules(tmp_path, readme_rules())) as gw:
         (a,), (b,) = await peers_on_each_worker(gw.ws_url + "/ws")
         for peer in (a, b):
             assert (await peer.join("news:eu"))["rules"]["publish"] == "api"
