@@ -98,7 +98,7 @@ class Requests:
             answer = json.loads(payload)
             asking = self.asking.get(answer["id"])
             body = answer["body"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             self._bad("broker_bad_answer", payload)
             return
         if asking is not None and isinstance(body, dict):
@@ -111,7 +111,8 @@ class Requests:
             id, reply_to = request["id"], request["reply_to"]
             if not isinstance(id, str) or not isinstance(reply_to, str):
                 raise TypeError("id and reply_to must be strings")
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
+            # RecursionError: JSON nested too deeply, from whoever can PUBLISH.
             self._bad("broker_bad_request", payload)
             return
         body: dict[str, Any] = {}
