@@ -142,10 +142,15 @@ class Peer:
 
 
 async def api(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    """One request to the publish API; its status and JSON body (None for a HEAD)."""
+    """One request to the publish API; its status and JSON body (None for a HEAD).
+
+    ``body`` is sent as JSON, or as it is when it is bytes.
+    """
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        raw = b"" if body is None else json.dumps(body).encode()
+        raw = (
+            body if isinstance(body, bytes) else b"" if body is None else json.dumps(body).encode()
+        )
         head = [f"{method} {path} HTTP/1.1", "Host: api", "Connection: close"]
         if body is not None:
             head += ["Content-Type: application/json", f"Content-Length: {len(raw)}"]

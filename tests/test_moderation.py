@@ -3,20 +3,24 @@
 The publish API's moderation routes against the gateway in-process (one
 worker, no Redis), then with two workers and a real Redis, where the API is
 served by worker 0 and the connection may be on worker 1, and with two single
-gateways ("hosts") on one Redis, where it is on the other host.
+gateways ("hosts") on one Redis, where it is on the other host. Hostile
+requests (huge or injected conn_ids, rooms, limits, cursors) against the
+gateway as a subprocess: their codes, their counters, and a clean log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from conftest import RunningGateway, running_gateway
+from hardening_support import tracebacks
 from redisserver import RedisServer
 from rules_support import Peer, api, peers_on_each_worker, two_workers, write_rules
-from support import http_get, sample_sum
+from support import GatewayProcess, free_port, http_get, sample_sum
 
 from rtgateway.errors import KICK_CODES
 
@@ -224,6 +228,89 @@ async def test_connections_of_a_room_a_page_at_a_time_in_conn_id_order() -> None
         assert status == 400 and code_of(body) == "invalid_room"
         status, _ = await api(port, "HEAD", "/api/rooms/lobby/connections")
         assert status == 200
+
+
+# Hostile input to the moderation routes, against the gateway as a subprocess
+# (its real log lines, as an operator's journal gets them).
+
+HOSTILE = 'x\n{"event":"injected","log_level":"critical"}\r\n\x1b[2J'
+HOSTILE_PATH = "x%0A%7B%22event%22%3A%22injected%22%7D%1B%5B2J"
+
+
+@pytest.mark.timeout(60)
+async def test_hostile_moderation_requests_get_their_codes_counted_and_never_reach_the_log(
+    tmp_path: Path,
+) -> None:
+    """Huge or hostile conn_ids, rooms, limits, cursors: 4xx codes, counted, no trace in the log."""
+    port = free_port()
+    env = {"RTG_API_ADDR": f"127.0.0.1:{port}", "RTG_ROOMS_FILE": write_rules(tmp_path, "")}
+    with GatewayProcess(env) as gw:
+        peer = await Peer.connect(gw.ws_url + "/ws")
+        await peer.join("lobby")
+        cases: list[tuple[str, str, object, int, str]] = [
+            ("POST", "/api/disconnect", {"conn_id": "x." + "y" * 60_000}, 400, "bad_message"),
+            ("POST", "/api/disconnect", {"conn_id": "x." + "y" * 70_000}, 413, "message_too_large"),
+            ("POST", "/api/disconnect", {"conn_id": HOSTILE}, 400, "bad_message"),
+            (
+                "POST",
+                "/api/disconnect",
+                b'{"conn_id": "a.b", "code": 1' + b"0" * 5000 + b"}",
+                400,
+                "bad_json",
+            ),
+            (
+                "POST",
+                "/api/disconnect",
+                {"conn_id": peer.conn_id, "reason": HOSTILE * 9},
+                400,
+                "bad_message",
+            ),
+            (
+                "POST",
+                "/api/remove",
+                {"conn_id": peer.conn_id, "room": HOSTILE},
+                400,
+                "invalid_room",
+            ),
+            (
+                "POST",
+                "/api/remove",
+                {"conn_id": peer.conn_id, "room": "r" * 60_000},
+                400,
+                "invalid_room",
+            ),
+            ("POST", "/api/remove", {"conn_id": [HOSTILE], "room": "lobby"}, 400, "bad_message"),
+            ("GET", f"/api/rooms/{HOSTILE_PATH}/connections", None, 400, "invalid_room"),
+            ("GET", "/api/rooms/" + "r" * 4000 + "/connections", None, 400, "invalid_room"),
+            ("GET", "/api/rooms/lobby/connections?limit=" + "9" * 5000, None, 400, "bad_request"),
+            ("GET", "/api/rooms/lobby/connections?limit=-1", None, 400, "bad_request"),
+            (
+                "GET",
+                f"/api/rooms/lobby/connections?cursor={HOSTILE_PATH}",
+                None,
+                400,
+                "bad_request",
+            ),
+            ("GET", "/api/rooms/lobby/connections/more", None, 404, "not_found"),
+        ]
+        for method, path, body, status, code in cases:
+            got, answer = await api(port, method, path, body)
+            assert (got, code_of(answer)) == (status, code), (path, str(body)[:80])
+            assert "injected" not in json.dumps(answer), answer  # not echoed either
+        # Still serving the peer, which was never touched.
+        await peer.settled()
+        assert (await peer.publish("lobby", "still here"))["op"] == "ack"
+        _, text, _ = await asyncio.to_thread(http_get, gw.url + "/metrics")
+        api_requests = "rtgateway_api_requests_total"
+        assert sample_sum(text, api_requests, '{endpoint="/api/disconnect",status="400"}') == 4
+        assert sample_sum(text, api_requests, '{endpoint="/api/disconnect",status="413"}') == 1
+        assert sample_sum(text, api_requests, '{endpoint="/api/remove",status="400"}') == 3
+        connections = '{endpoint="/api/rooms/{room}/connections",status="400"}'
+        assert sample_sum(text, api_requests, connections) == 5
+        await peer.close()
+    assert not tracebacks(gw.lines), tracebacks(gw.lines)[:3]
+    assert [line for line in gw.lines if "injected" in line or "\x1b" in line] == []
+    assert "yyyyyyyyyy" not in "".join(gw.lines) and "rrrrrrrrrr" not in "".join(gw.lines)
 
 
 # Two workers and Redis: the API on worker 0 reaches connections on worker 1.
