@@ -250,8 +250,10 @@ async def make_client(page: Page, name: str, **options: Any) -> None:
 
 
 def metric(gw: GatewayProcess, name: str) -> float:
+    """A sample of ``name`` (``family{labels}`` allowed), summed over the labels it leaves out."""
     _, body, _ = http_get(gw.url + "/metrics")
-    return sample_sum(body, name)
+    family, _, labels = name.partition("{")
+    return sample_sum(body, family, "{" + labels if labels else "")
 
 
 # Fixtures.

@@ -19,6 +19,7 @@ from conftest import RunningGateway, running_gateway
 from redisserver import RedisServer
 from rules_support import Peer, api, peers_on_each_worker, readme_rules, two_workers, write_rules
 from support import ROOT, http_get, sample_sum
+from wire import RawConnection
 
 from rtgateway.protocol import ERROR_CODES
 
@@ -271,6 +272,28 @@ async def test_metrics_count_by_namespace_never_by_room(tmp_path: Path) -> None:
         assert sample_sum(text, "rtgateway_room_members_current", '{namespace="news"}') == 2
         assert 'rtgateway_messages_dropped_total{namespace="slow",policy="drop_newest"} 0.0' in text
         assert sample_sum(text, "rtgateway_protocol_errors_total", '{code="room_full"}') == 0
+
+
+async def test_drops_are_counted_under_the_namespace_and_policy_of_the_room(
+    tmp_path: Path,
+) -> None:
+    """A news:* member that stops reading loses frames under news's default policy, counted so."""
+    async with gateway(tmp_path, outbox_max_messages=16) as gw:
+        stuck = await RawConnection.open(gw.port, rcvbuf=4096)
+        assert (await stuck.recv_json())["op"] == "hello"
+        await stuck.send_json({"op": "join", "room": "news:x", "id": 1})
+        assert (await stuck.recv_json())["policy"] == "drop_oldest"  # news's default
+        port, batch = api_port(gw), [{"room": "news:x", "data": "x" * 1000}] * 100
+        for _ in range(30):
+            status, _ = await api(port, "POST", "/api/publish/batch", batch)
+            assert status == 200
+        # A full outbox drops as the publication is enqueued: counted by now.
+        _, text, _ = await asyncio.to_thread(http_get, gw.url + "/metrics")
+        news = '{namespace="news",policy="drop_oldest"}'
+        assert sample_sum(text, "rtgateway_messages_dropped_total", news) > 0
+        assert sample_sum(text, "rtgateway_messages_dropped_total", '{namespace="default"}') == 0
+        assert gw.metrics.dropped_total == sample_sum(text, "rtgateway_messages_dropped_total")
+        stuck.abort()  # it would never read the drain's close
 
 
 async def test_without_a_file_everything_works_as_before(tmp_path: Path) -> None:
