@@ -361,12 +361,20 @@ async def test_rules_hold_on_every_worker_with_redis(
 
 
 # The README's example: news:* for browsers to read, chat:* rooms of at most
-# 1,000 members, nothing else open, and one connection kicked.
+# 1,000 members, nothing else open, and one connection kicked. The shipped
+# deploy/rooms.toml says the same with its comments and a few keys more.
 
 
-async def test_readme_example_with_one_worker(tmp_path: Path) -> None:
+EXAMPLES = {
+    "readme": readme_rules,
+    "deploy/rooms.toml": lambda: (ROOT / "deploy" / "rooms.toml").read_text(),
+}
+
+
+@pytest.mark.parametrize("example", list(EXAMPLES))
+async def test_readme_example_with_one_worker(example: str, tmp_path: Path) -> None:
     """The README's file: news read-only, chat:42 full at 1,000, listed, one kicked, room again."""
-    async with gateway(tmp_path, readme_rules()) as gw:
+    async with gateway(tmp_path, EXAMPLES[example]()) as gw:
         port = api_port(gw)
         reader = await Peer.connect(gw.ws_url)
         ack = await reader.join("news:eu")
@@ -415,13 +423,14 @@ async def test_readme_example_with_one_worker(tmp_path: Path) -> None:
 
 @pytest.mark.system
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("example", list(EXAMPLES))
 async def test_readme_example_with_two_workers_and_redis(
-    redis_server: RedisServer, tmp_path: Path
+    example: str, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     """The README's file with two workers and Redis: the same rules, a kick on worker 1."""
     # (max_members per worker is tested with a cap of 2 above: 1,000 on one
     # worker would take 2,000 connections here.)
-    async with two_workers(redis_server, write_rules(tmp_path, readme_rules())) as gw:
+    async with two_workers(redis_server, write_rules(tmp_path, EXAMPLES[example]())) as gw:
         (a,), (b,) = await peers_on_each_worker(gw.ws_url + "/ws")
         for peer in (a, b):
             assert (await peer.join("news:eu"))["rules"]["publish"] == "api"
