@@ -360,6 +360,27 @@ async def test_rules_hold_on_every_worker_with_redis(
             await peer.close()
 
 
+@pytest.mark.system
+@pytest.mark.timeout(120)
+async def test_open_namespaces_and_default_rules_hold_across_workers_with_redis(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Two workers: a stranger's publish (clients) crosses workers; undeclared gets [default]."""
+    text = '[default]\npublish = "clients"\n[namespaces.open]\npublish = "clients"\n'
+    async with two_workers(redis_server, write_rules(tmp_path, text)) as gw:
+        (a,), (b,) = await peers_on_each_worker(gw.ws_url + "/ws")
+        # publish = clients: b never joined, a on the other worker gets it.
+        assert (await a.join("open:1"))["rules"]["publish"] == "clients"
+        assert (await b.publish("open:1", "from worker 1"))["seq"] == 1
+        assert (await a.message())["data"] == "from worker 1"
+        # An undeclared namespace takes [default]'s rules on either worker.
+        for peer in (a, b):
+            ack = await peer.join("elsewhere:1")
+            assert ack["op"] == "ack" and ack["rules"]["namespace"] == "default", ack
+        assert (await a.publish("elsewhere:1", "x"))["op"] == "ack"
+        assert (await b.message())["data"] == "x"
+
+
 # The README's example: news:* for browsers to read, chat:* rooms of at most
 # 1,000 members, nothing else open, and one connection kicked. The shipped
 # deploy/rooms.toml says the same with its comments and a few keys more.
