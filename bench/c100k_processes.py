@@ -106,8 +106,9 @@ def by_worker(text: str, name: str, label: str = "") -> dict[str, Any]:
         labels = dict(key)
         if label:
             counts = out.setdefault(labels["worker"], {})
-            if value:
-                counts[labels.get(label, "")] = int(value)
+            if value:  # summed over the other labels (namespace)
+                key = labels.get(label, "")
+                counts[key] = counts.get(key, 0) + int(value)
         else:
             out[labels["worker"]] = value
     return out

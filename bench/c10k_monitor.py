@@ -39,9 +39,10 @@ def scrape(url: str) -> dict[str, float]:
         text = response.read().decode()
     values = {}
     for column, name in METRICS.items():
-        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-        if match:
-            values[column] = float(match.group(1))
+        # Summed over labels (deliveries are counted by namespace).
+        found = re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+        if found:
+            values[column] = sum(float(v) for v in found)
     return values
 
 

@@ -462,7 +462,10 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         and value
     }
     for name in ("publishes_total", "deliveries_total", "connections_total", "rate_limited_total"):
-        counters[name] = metrics.get("rtgateway_" + name, 0.0)
+        # Summed over labels (publishes and deliveries are counted by namespace).
+        counters[name] = sum(
+            v for k, v in metrics.items() if k.partition("{")[0] == "rtgateway_" + name
+        )
     counters["messages_dropped_total"] = sum(
         v for k, v in metrics.items() if k.startswith("rtgateway_messages_dropped_total")
     )

@@ -165,6 +165,10 @@ cmd_install() {
     if [ -f "$CHECKOUT/docs/systemd.md" ]; then
         install -D -m 0644 "$CHECKOUT/docs/systemd.md" "$PREFIX/share/doc/rtgateway/systemd.md"
     fi
+    # The commented example of RTG_ROOMS_FILE (an example: nothing reads it there).
+    if [ -f "$HERE/rooms.toml" ]; then
+        install -D -m 0644 "$HERE/rooms.toml" "$PREFIX/share/doc/rtgateway/rooms.toml"
+    fi
     if [ -e "$ENV_PATH" ]; then
         say "keeping the existing $ENV_PATH"
     else

@@ -22,8 +22,9 @@ import sys
 import structlog
 import uvloop
 
-from . import __version__, log
+from . import __version__, log, namespaces
 from .config import SETTINGS, Config, ConfigError, env_name, flag_name, load
+from .namespaces import Namespaces
 from .worker import ADDR_ENV, WorkerInfo
 from .worker import ENVIRONMENT as worker_environment
 
@@ -57,6 +58,10 @@ def main(argv: list[str] | None = None) -> None:
     flags = {k: v for k, v in vars(args).items() if v is not None}
     try:
         config = load(os.environ, flags, internal=worker_environment)
+        # The rules file is read here, so that a bad one stops the supervisor
+        # before any worker starts; each worker reads it again (it is given
+        # the same flags and environment).
+        rules = namespaces.from_config(config)
     except ConfigError as exc:
         print(f"rtgateway: error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -70,10 +75,10 @@ def main(argv: list[str] | None = None) -> None:
         # The supervisor resolved the address (a port 0 becomes one port for all).
         config = config.replace(addr=os.environ.get(ADDR_ENV, config.addr))
         structlog.contextvars.bind_contextvars(worker=worker.index)
-    sys.exit(run(config, worker))
+    sys.exit(run(config, worker, rules))
 
 
-def run(config: Config, worker: WorkerInfo | None = None) -> int:
+def run(config: Config, worker: WorkerInfo | None = None, rules: Namespaces | None = None) -> int:
     from .app import Gateway
 
     logger = log.get_logger()
@@ -104,7 +109,7 @@ def run(config: Config, worker: WorkerInfo | None = None) -> int:
 
         for signum in SHUTDOWN_SIGNALS:
             loop.add_signal_handler(signum, on_signal, signum)
-        await Gateway(config, worker=worker).serve(stop.wait)
+        await Gateway(config, worker=worker, namespaces=rules).serve(stop.wait)
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

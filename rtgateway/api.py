@@ -9,28 +9,41 @@ this one faces the backends and should stay private.
 Publications go through :meth:`Hub.publish <rtgateway.rooms.Hub.publish>`,
 the very call a WebSocket client's publish makes, so members see one ``seq``
 sequence in one order whichever side published. The room protocol's rules
-apply (room names, size, encodability, its error codes); HTTP adds a few codes
-of its own (:data:`HTTP_ERROR_CODES`). Body limits are set here per route:
+apply (room names, size, encodability, its error codes, and of the room
+namespaces, that a room of an undeclared namespace may be refused; the API
+may publish wherever clients may not); HTTP adds a few codes of its own
+(:data:`HTTP_ERROR_CODES`). Moderation (disconnect a connection, remove it
+from a room, list a room's connections) goes through the
+:class:`~rtgateway.moderation.Moderator`, which finds the connection on
+whichever process holds it. Body limits are set here per route:
 ``RTG_MAX_MESSAGE_BYTES``, :data:`BATCH_BODY_FACTOR` times it for a batch. The
 bearer token is compared in constant time and never logged.
 
 This module must not touch WebSocket connections or outboxes: it only calls
-the hub.
+the hub and the moderator.
 """
 
 from __future__ import annotations
 
 import heapq
 import hmac
-import json
 from collections.abc import Awaitable
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import parse_qs, unquote
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+from urllib.parse import unquote
 
 from . import __version__, protocol
+from .apimsg import (
+    API_ERROR_CODES,
+    HTTP_ERROR_CODES,
+    ApiError,
+    conn_id_of,
+    load_json,
+    page_of,
+    reason_of,
+)
 from .config import parse_addr
-from .errors import BrokerOutcomeUnknown, BrokerUnavailable
+from .errors import KICK_CODES, KICKED, BrokerOutcomeUnknown, BrokerUnavailable
 from .http11 import (
     BODY_TIMEOUT_S,
     HEADER_TIMEOUT_S,
@@ -47,7 +60,10 @@ from .http11 import (
 )
 
 if TYPE_CHECKING:
+    from .moderation import Moderator
     from .state import Context, ServerState
+
+T = TypeVar("T")
 
 __all__ = [
     "API_ERROR_CODES",
@@ -58,49 +74,15 @@ __all__ = [
     "ApiServer",
 ]
 
-# Codes for failures that only HTTP has; the room protocol's codes mean the same here.
-HTTP_ERROR_CODES: Final = (
-    "bad_request",
-    "unauthorized",
-    "not_found",
-    "method_not_allowed",
-    "unsupported_media_type",
-    "request_timeout",
-)
-API_ERROR_CODES: Final = (*protocol.ERROR_CODES, *HTTP_ERROR_CODES)
-STATUS_OF: Final = {
-    "bad_json": 400,
-    "bad_message": 400,
-    "invalid_room": 400,
-    "bad_request": 400,
-    "unauthorized": 401,
-    "not_found": 404,
-    "method_not_allowed": 405,
-    "request_timeout": 408,
-    "message_too_large": 413,
-    "unsupported_media_type": 415,
-    "rate_limited": 429,
-    "internal": 500,
-    "draining": 503,
-    "unavailable": 503,
-    "outcome_unknown": 504,
-}
-# The code of each status that the HTTP layer refuses with on its own.
-CODE_OF: Final = {
-    400: "bad_request",
-    408: "request_timeout",
-    413: "message_too_large",
-    431: "bad_request",
-    500: "internal",
-    503: "unavailable",
-}
-
 # Route templates and their methods. The template is the ``endpoint`` label.
 ROUTES: Final = {
     "/api/publish": ("POST",),
     "/api/publish/batch": ("POST",),
     "/api/rooms": ("GET", "HEAD"),
     "/api/rooms/{room}": ("GET", "HEAD"),
+    "/api/rooms/{room}/connections": ("GET", "HEAD"),
+    "/api/disconnect": ("POST",),
+    "/api/remove": ("POST",),
     "/api/info": ("GET", "HEAD"),
     "/api/openapi.yaml": ("GET", "HEAD"),
 }
@@ -109,48 +91,6 @@ ROOM_PREFIX: Final = "/api/rooms/"
 
 MAX_BATCH_ITEMS: Final = 100
 BATCH_BODY_FACTOR: Final = 16  # a batch body may be this many times RTG_MAX_MESSAGE_BYTES
-MAX_PAGE: Final = 1000
-DEFAULT_PAGE: Final = 100
-
-
-class ApiError(HttpError):
-    """A request the API refuses: answered with ``{"error": {"code", "message"}}``.
-
-    ``close`` ends the connection after the answer (the request could not be
-    read to its end); ``headers`` go with the answer; ``index`` is the
-    position of the offending publication in a batch.
-    """
-
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        *,
-        status: int | None = None,
-        close: bool = False,
-        headers: dict[str, str] | None = None,
-        index: int | None = None,
-    ) -> None:
-        assert code in API_ERROR_CODES, code
-        super().__init__(status or STATUS_OF[code], message, close=close, headers=headers)
-        self.code = code
-        self.index = index
-
-    @classmethod
-    def from_http(cls, error: HttpError) -> ApiError:
-        """The API's form of a refusal from the HTTP layer."""
-        if isinstance(error, ApiError):
-            return error
-        code = CODE_OF.get(error.status, "internal" if error.status >= 500 else "bad_request")
-        return cls(
-            code, error.message, status=error.status, close=error.close, headers=error.headers
-        )
-
-    def response(self) -> Response:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.index is not None:
-            error["index"] = self.index
-        return Response.json(self.status, {"error": error}, self.headers, close=self.close)
 
 
 def route(path: str) -> tuple[str, str | None]:
@@ -158,35 +98,14 @@ def route(path: str) -> tuple[str, str | None]:
     if path in ROUTES:
         return path, None
     if path.startswith(ROOM_PREFIX):
-        room = path[len(ROOM_PREFIX) :]
-        if room and "/" not in room:
+        room, slash, rest = path[len(ROOM_PREFIX) :].partition("/")
+        if room and (not slash or rest == "connections"):
+            endpoint = "/api/rooms/{room}/connections" if slash else "/api/rooms/{room}"
             try:
-                return "/api/rooms/{room}", unquote(room, errors="strict")
+                return endpoint, unquote(room, errors="strict")
             except UnicodeDecodeError:
-                return "/api/rooms/{room}", room  # "%" makes it an invalid room
+                return endpoint, room  # "%" makes it an invalid room
     return OTHER, None
-
-
-def load_json(body: bytes) -> Any:
-    """Parse a request body like the room protocol parses a message."""
-    try:
-        return json.loads(
-            body.decode("utf-8"),
-            parse_constant=_reject_constant,
-            parse_float=protocol.finite_float,
-        )
-    except UnicodeDecodeError:
-        raise ApiError("bad_json", "the body is not UTF-8") from None
-    except RecursionError:
-        raise ApiError("bad_json", "the body is nested too deeply") from None
-    except ValueError:
-        # JSONDecodeError, NaN/Infinity, numbers out of range (1e999), and
-        # integers past Python's 4300-digit limit.
-        raise ApiError("bad_json", "the body is not valid JSON") from None
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 class ApiServer:
@@ -287,11 +206,18 @@ class ApiServer:
             self._refuse_while_draining()
             if batch:
                 return await self._publish_batch(load_json(body), started)
+            if endpoint == "/api/disconnect":
+                return await self._disconnect(load_json(body))
+            if endpoint == "/api/remove":
+                return await self._remove(load_json(body))
             return await self._publish(load_json(body), started)
         await read_body(self.max_body_bytes)
         if endpoint == "/api/rooms/{room}":
             assert room is not None
             return self._room(room)
+        if endpoint == "/api/rooms/{room}/connections":
+            assert room is not None
+            return await self._connections(room, request.query)
         if endpoint == "/api/rooms":
             return self._rooms(request.query)
         if endpoint == "/api/info":
@@ -326,10 +252,7 @@ class ApiServer:
         if not isinstance(item.get("room"), str):
             raise ApiError("bad_message", "room is required, a string", index=index)
         room: str = item["room"]
-        if not protocol.valid_room(room):
-            raise ApiError(
-                "invalid_room", "room must be 1-128 characters of A-Z a-z 0-9 _ . : -", index=index
-            )
+        self._check_room(room, index)
         if "data" not in item:
             raise ApiError("bad_message", "data is required", index=index)
         try:
@@ -395,37 +318,25 @@ class ApiServer:
                 results.append({"error": {"code": "outcome_unknown", "message": message}})
         return Response.json(200, results)
 
-    def _room(self, room: str) -> Response:
+    def _check_room(self, room: str, index: int | None = None) -> None:
+        """A valid room name, in a namespace that is not refused."""
         if not protocol.valid_room(room):
-            raise ApiError("invalid_room", "room must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+            raise ApiError(
+                "invalid_room", "room must be 1-128 characters of A-Z a-z 0-9 _ . : -", index=index
+            )
+        if self.ctx.hub.namespaces.rules_for(room) is None:
+            raise ApiError(
+                "unknown_namespace",
+                f"{room.partition(':')[0]} is not a namespace of this gateway",
+                index=index,
+            )
+
+    def _room(self, room: str) -> Response:
+        self._check_room(room)
         return Response.json(200, {"room": room, "members": self.ctx.hub.members(room)})
 
     def _rooms(self, query: str) -> Response:
-        try:
-            params = parse_qs(query, keep_blank_values=True, errors="strict", max_num_fields=64)
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError("bad_request", "malformed query string") from None
-        limit = DEFAULT_PAGE
-        cursor = None
-        for name, values in params.items():
-            if name in ("limit", "cursor") and len(values) > 1:
-                raise ApiError("bad_request", f"{name} given more than once")
-        if "limit" in params:
-            text = params["limit"][0]
-            # The length first: int() of more than 4300 digits raises.
-            digits = text.lstrip("0") or "0"
-            if not (
-                text.isascii()
-                and text.isdigit()
-                and len(digits) <= 4
-                and 1 <= int(digits) <= MAX_PAGE
-            ):
-                raise ApiError("bad_request", f"limit must be an integer from 1 to {MAX_PAGE}")
-            limit = int(digits)
-        if "cursor" in params:
-            cursor = params["cursor"][0]
-            if not protocol.valid_room(cursor):
-                raise ApiError("bad_request", "cursor must be the next_cursor of a page")
+        limit, cursor = page_of(query, protocol.valid_room, "the next_cursor of a page")
         hub = self.ctx.hub
         after = (name for name in hub.rooms if cursor is None or name > cursor)
         names = heapq.nsmallest(limit + 1, after)
@@ -444,8 +355,67 @@ class ApiServer:
                 "connections": ctx.metrics.connections_current,
                 "rooms": len(ctx.hub.rooms),
                 "draining": self.state.draining,
+                **ctx.hub.namespaces.describe(),
             },
         )
+
+    # Moderation.
+
+    @property
+    def moderator(self) -> Moderator:
+        assert self.ctx.moderator is not None, "the gateway gives every API a moderator"
+        return self.ctx.moderator
+
+    async def _disconnect(self, body: Any) -> Response:
+        conn_id = conn_id_of(body)
+        code = body.get("code", KICKED.code)
+        if isinstance(code, float) and code.is_integer():
+            code = int(code)  # 4000.0 is an integer to JSON
+        if not isinstance(code, int) or isinstance(code, bool) or code not in KICK_CODES:
+            raise ApiError("bad_message", "code must be an integer from 4000 to 4499, except 4008")
+        reason = reason_of(body)
+        result = await _moderated(self.moderator.disconnect(conn_id, code, reason))
+        if result != "done":
+            raise ApiError("unknown_connection", f"no connection {conn_id} is open")
+        return Response.json(200, {"conn_id": conn_id, "code": code, "reason": reason})
+
+    async def _remove(self, body: Any) -> Response:
+        conn_id = conn_id_of(body)
+        room = body.get("room")
+        if not isinstance(room, str):
+            raise ApiError("bad_message", "room is required, a string")
+        self._check_room(room)
+        reason = reason_of(body)
+        result = await _moderated(self.moderator.remove(conn_id, room, reason))
+        if result == "not_joined":
+            raise ApiError("not_joined", f"{conn_id} is not a member of {room}")
+        if result != "done":
+            raise ApiError("unknown_connection", f"no connection {conn_id} is open")
+        return Response.json(200, {"conn_id": conn_id, "room": room})
+
+    async def _connections(self, room: str, query: str) -> Response:
+        self._check_room(room)
+        limit, cursor = page_of(query, protocol.valid_conn_id, "the next_cursor of a page")
+        page, next_cursor = await _moderated(self.moderator.connections(room, cursor, limit))
+        connections = [{"conn_id": conn_id, "joined_at": joined} for conn_id, joined in page]
+        return Response.json(
+            200, {"room": room, "connections": connections, "next_cursor": next_cursor}
+        )
+
+
+async def _moderated(pending: Awaitable[T]) -> T:
+    """A moderation request through the broker, its failures as the API's errors."""
+    try:
+        return await pending
+    except BrokerUnavailable:
+        raise ApiError(
+            "unavailable", "the broker could not carry the request; retry", headers=retry_after()
+        ) from None
+    except BrokerOutcomeUnknown:
+        raise ApiError(
+            "outcome_unknown",
+            "the gateway holding the connection did not confirm in time; it may have been done",
+        ) from None
 
 
 def _is_loopback(address: str) -> bool:

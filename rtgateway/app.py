@@ -32,6 +32,7 @@ import math
 import platform
 import random
 import resource
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ from websockets.asyncio.server import Server, serve
 from websockets.version import version as websockets_version
 
 from . import __version__
+from . import namespaces as namespaces_
 from .admission import Admission
 from .api import ApiServer
 from .config import Config
@@ -48,6 +50,8 @@ from .errors import DRAIN
 from .http import load_static, process_request, process_response
 from .log import get_logger
 from .metrics import Metrics
+from .moderation import Moderator
+from .namespaces import Namespaces
 from .notify import Notifier, watchdog_interval
 from .outbox import Flusher
 from .rooms import Hub
@@ -89,10 +93,16 @@ class Gateway:
         *,
         notifier: Notifier | None = None,
         worker: WorkerInfo | None = None,
+        namespaces: Namespaces | None = None,
     ) -> None:
         self.config = config
         self.worker = worker  # None: a single-process gateway
         self.log = get_logger()
+        # The rules of RTG_ROOMS_FILE (read here unless __main__ did: ConfigError).
+        self.namespaces = namespaces or namespaces_.from_config(config)
+        # This process's token: the first part of its connections' ids, and
+        # its control channel's name with a broker (moderation.py).
+        self.node = secrets.token_urlsafe(6)
         self.metrics = Metrics(version=__version__, websockets_version=websockets_version)
         self.broker: RedisBroker | None = None
         if config.broker_url:
@@ -104,9 +114,15 @@ class Gateway:
                 self.log,
                 timeout_s=config.broker_timeout_s,
                 room_ttl_s=config.broker_room_ttl_s,
+                node=self.node,
             )
             self.metrics.broker_state(connected=False)
-        self.hub = Hub(self.metrics, self.broker, join_timeout_s=config.broker_timeout_s)
+        self.hub = Hub(
+            self.metrics,
+            self.broker,
+            join_timeout_s=config.broker_timeout_s,
+            namespaces=self.namespaces,
+        )
         self.notifier = notifier or Notifier()
         self.server_name = f"rtgateway/{__version__}"
         self.last_tick = time.monotonic()  # the event loop's heartbeat, for the supervisor
@@ -169,8 +185,9 @@ class Gateway:
         )
         return limits
 
-    def _context(self, loop: asyncio.AbstractEventLoop) -> Context:
+    def _context(self, loop: asyncio.AbstractEventLoop, state: ServerState) -> Context:
         config = self.config
+        default = self.namespaces.default
         return Context(
             config=config,
             metrics=self.metrics,
@@ -187,13 +204,16 @@ class Gateway:
                 "rate_limit_bytes_per_s": config.rate_limit_bytes_per_s,
                 "outbox_max_messages": config.outbox_max_messages,
                 "outbox_max_bytes": config.outbox_max_bytes,
-                "slow_consumer_policy": config.slow_consumer_policy,
-                "slow_consumer_policies": list(config.slow_consumer_policies),
+                # The default namespace's (a join's ack gives its room's).
+                "slow_consumer_policy": default.policy,
+                "slow_consumer_policies": list(default.policies),
                 "ping_interval_s": config.ping_interval_s,
             },
             # Which worker answered, in a multi-process gateway.
             hello_extra={} if self.worker is None else {"worker": self.worker.index},
             static=load_static() if config.demo else {},
+            node=self.node,
+            moderator=Moderator(self.node, state.sessions, state.session_of, self.hub, self.broker),
         )
 
     async def start(self) -> None:
@@ -207,6 +227,8 @@ class Gateway:
             websockets=websockets_version,
             loop=type(loop).__module__,
             config=config.as_log_fields(),
+            node=self.node,
+            namespaces=list(self.namespaces.names),
         )
         admission: Admission[GatewayConnection] = Admission(
             max_pending=config.max_pending_handshakes,  # 0: derived in _limits()
@@ -214,7 +236,7 @@ class Gateway:
             max_connections_per_address=config.max_connections_per_address,
         )
         state = self.state = ServerState(self._limits(admission), admission)
-        ctx = self.ctx = self._context(loop)
+        ctx = self.ctx = self._context(loop, state)
         self.metrics.live = state
         await self._serve_websockets(ctx, state)
         api_addresses: list[str] = []
@@ -358,7 +380,7 @@ class Gateway:
             messages_sent=m.messages_sent,
             publishes=m.publishes,
             deliveries=m.deliveries,
-            dropped=sum(m.dropped.values()),
+            dropped=m.dropped_total,
             outbox_queued_bytes=self.state.queued_bytes if self.state else 0,
         )
 

@@ -1,4 +1,4 @@
-"""Publications between processes and hosts through Redis pub/sub.
+r"""Publications between processes and hosts through Redis pub/sub.
 
 :class:`RedisBroker` is the :class:`~rtgateway.rooms.Broker` for more than one
 process. A publication is numbered and published in one atomic step on the
@@ -42,6 +42,18 @@ those numbers show as a gap; publications numbered below are dropped
 (``rtgateway_broker_stale_total``). Publications made while a process was cut
 off are not replayed: its members see the gap in ``seq``.
 
+**Requests between processes** (the backend's moderation,
+:class:`~rtgateway.moderation.Control`) ride the same two connections. Each
+process subscribes, before any room, to a control channel of its own,
+``rtg:ctl:<node>`` (*node*: the token that starts its connections' ids). A
+request for one connection is ``PUBLISH``\ed to its node's control channel; a
+request about a room (its connections) to the room's own channel, marked by
+a leading ``?`` (publications start with their ``seq``), so that exactly the
+processes with members there receive it. ``PUBLISH`` returns how many
+processes received it: that many answers are awaited, each ``PUBLISH``\ed to
+the asker's control channel, for at most the broker timeout (0: nobody holds
+the connection, or nobody has members in the room).
+
 While Redis is down, publishes and joins of new rooms get ``unavailable`` at
 once, connections keep being served, and :meth:`RedisBroker.run` reconnects
 with jittered exponential backoff, restores the counters and subscribes to
@@ -59,7 +71,7 @@ import math
 import random
 import time
 import urllib.parse
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio.connection import Connection
@@ -67,7 +79,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from .control import REQUEST_MARK, Requests
 from .errors import BrokerOutcomeUnknown, BrokerStalled, BrokerUnavailable
+from .moderation import Answers
 from .publisher import Publisher, Script
 
 if TYPE_CHECKING:
@@ -75,7 +89,13 @@ if TYPE_CHECKING:
     from .outbox import Flusher
     from .rooms import RoomEvents
 
-__all__ = ["PUBLISH_SCRIPT", "RESTORE_SCRIPT", "RedisBroker", "parse_redis_url"]
+__all__ = [
+    "CONTROL_SCRIPT",
+    "PUBLISH_SCRIPT",
+    "RESTORE_SCRIPT",
+    "RedisBroker",
+    "parse_redis_url",
+]
 
 # KEYS[1] the room's seq counter, KEYS[2] its channel; ARGV: the highest seq
 # this process has delivered in the room (its floor), ts, data, key lifetime.
@@ -108,11 +128,20 @@ end
 return seq
 """
 
+# KEYS[1] a channel; ARGV[1] a request or an answer between processes. Returns
+# how many subscribers received it (a script, so that it queues and pipelines
+# with the publications).
+CONTROL_SCRIPT = """
+return redis.call('PUBLISH', KEYS[1], ARGV[1])
+"""
+
 PUBLISH = Script(PUBLISH_SCRIPT)
 RESTORE = Script(RESTORE_SCRIPT)
+CONTROL = Script(CONTROL_SCRIPT)
 
 SEQ_KEY = "rtg:seq:"
 CHANNEL = "rtg:room:"
+CONTROL_CHANNEL = "rtg:ctl:"  # + a node: the channel only that process subscribes to
 CONNECT_TIMEOUT_S = 1.0
 KEEPALIVE_INTERVAL_S = 1.0  # PING the subscription connection when it was this quiet
 KEEPALIVE_TIMEOUT_S = 3.0  # nothing at all from Redis for this long: the connection is lost
@@ -148,8 +177,12 @@ class RedisBroker:
         *,
         timeout_s: float = 1.0,
         room_ttl_s: float = 600.0,
+        node: str = "",
     ) -> None:
         self.hub: RoomEvents  # the hub attaches itself (Hub.__init__)
+        # Answers requests from other processes (the moderator serves itself).
+        self.node = node or "-"
+        self.control_channel = CONTROL_CHANNEL + self.node
         # Paces deliveries that fill outboxes (outbox.py); set once the loop runs.
         self.flusher: Flusher | None = None
         self.url = url
@@ -174,9 +207,12 @@ class RedisBroker:
         self.connect_subscriber = functools.partial(connection, socket_timeout=None)
         self.publisher = Publisher(
             functools.partial(connection, socket_timeout=timeout_s),
-            (PUBLISH, RESTORE),
+            (PUBLISH, RESTORE, CONTROL),
             timeout_s,
             self._failed,
+        )
+        self.requests = Requests(
+            self.node, CONTROL_CHANNEL, self._send, timeout_s, metrics=metrics, log=log
         )
         self.connected = False
         self.up = asyncio.Event()  # set while connected
@@ -226,6 +262,26 @@ class RedisBroker:
         self.dirty.add(room)
         self.changed.set()
 
+    # The moderation's Control protocol: requests between processes (control.py).
+
+    def serve(self, answer: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        self.requests.answer = answer
+
+    async def ask_node(self, node: str, request: dict[str, Any]) -> Answers:
+        return await self._ask(CONTROL_CHANNEL + node, b"", request)
+
+    async def ask_room(self, room: str, request: dict[str, Any]) -> Answers:
+        return await self._ask(CHANNEL + room, REQUEST_MARK, request)
+
+    async def _ask(self, channel: str, mark: bytes, request: dict[str, Any]) -> Answers:
+        if not self.connected:
+            raise BrokerUnavailable("redis is not connected")
+        return await self.requests.ask(channel, mark, request)
+
+    def _send(self, channel: str, payload: bytes, internal: bool) -> asyncio.Future[Any]:
+        """PUBLISH through the publisher's queue; the future gets the receivers' count."""
+        return self.publisher.call(CONTROL, (channel,), (payload,), internal=internal)
+
     # The connection: subscriptions, delivery, reconnection.
 
     async def run(self) -> None:
@@ -269,6 +325,7 @@ class RedisBroker:
             # A new connection may be a new Redis: no old connection is trusted.
             self.publisher.reset()
             await self._restore(self.wanted)
+            await self._subscribe_control(conn)
             self.last_seen = asyncio.get_running_loop().time()
             self.dirty |= self.wanted
             self.starting = set(self.wanted)
@@ -289,6 +346,14 @@ class RedisBroker:
                 tasks.create_task(self._refresh())
         finally:
             await conn.disconnect(nowait=True)
+
+    async def _subscribe_control(self, conn: Connection) -> None:
+        """Subscribe to this process's control channel, before any room: confirmed here."""
+        await conn.send_command("SUBSCRIBE", self.control_channel, check_health=False)
+        async with asyncio.timeout(max(self.timeout_s, CONNECT_TIMEOUT_S)):
+            reply = await conn.read_response()
+        if not (isinstance(reply, list) and reply[:1] == [b"subscribe"]):
+            raise BrokerUnavailable("redis did not confirm the control subscription")
 
     def _set_connected(self, connected: bool) -> None:
         self.connected = connected
@@ -355,6 +420,7 @@ class RedisBroker:
     async def _read(self, conn: Connection) -> None:
         loop = asyncio.get_running_loop()
         prefix = len(CHANNEL)
+        control = self.control_channel.encode()
         while True:
             reply = await conn.read_response()
             self.last_seen = loop.time()
@@ -362,7 +428,13 @@ class RedisBroker:
                 continue  # PONG
             kind, channel = reply[0], reply[1]
             if kind == b"message":
-                self._deliver(channel[prefix:].decode("ascii"), reply[2])
+                payload = reply[2]
+                if channel == control:
+                    self.requests.received(payload)
+                elif payload[:1] == REQUEST_MARK:
+                    self.requests.request(payload[1:])
+                else:
+                    self._deliver(channel[prefix:].decode("ascii"), payload)
                 # Messages already read are handed over without yielding: a
                 # burst of heavy ones is spread over loop iterations.
                 if self.flusher is not None and self.flusher.heavy:

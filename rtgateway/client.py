@@ -11,7 +11,8 @@
 Requests carry an ``id`` and their coroutine returns the matching ``ack``, or
 raises :exc:`ServerError` with the ``error`` the gateway sent. One reader task,
 owned by the client, routes replies to their waiters and publications to
-:meth:`messages`.
+:meth:`messages`; the rooms the backend removed this client from are in
+:attr:`Client.removed`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Client:
         self._waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue(max_queue)
         self.errors: list[dict[str, Any]] = []  # errors that answered no request
+        self.removed: list[dict[str, Any]] = []  # {"op": "removed", "room", "reason"?}
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
@@ -75,6 +77,8 @@ class Client:
                         waiter.set_result(msg)
                 elif op == "error":
                     self.errors.append(msg)
+                elif op == "removed":
+                    self.removed.append(msg)
         except ConnectionClosed:
             pass
         finally:

@@ -168,6 +168,10 @@ def _origins(text: str) -> tuple[str, ...]:
     return values
 
 
+def _path(text: str) -> str:
+    return text.strip()
+
+
 def _log_format(text: str) -> str:
     value = text.strip().lower()
     if value not in (*LOG_FORMATS, "auto"):
@@ -291,7 +295,19 @@ class Config:
         "comma-separated Origin values allowed on /ws; empty allows any",
         "ORIGINS",
     )
-    publish_requires_join: bool = setting(True, _bool, "only members may publish to a room", "BOOL")
+    publish_requires_join: bool = setting(
+        True,
+        _bool,
+        "only members may publish to a room (a namespace of RTG_ROOMS_FILE may say otherwise)",
+        "BOOL",
+    )
+    rooms_file: str = setting(
+        "",
+        _path,
+        "TOML file of room namespaces: who may join and publish where, member caps, "
+        "policies, publish rates; empty = every room under the settings here",
+        "PATH",
+    )
     socket_sndbuf_bytes: int = setting(
         0,
         _int_at_least(0),

@@ -10,12 +10,16 @@ should do next. The codes follow RFC 6455 §7.4:
   1008 policy violation (here: the rate limit), 1009 message too large, 1011
   internal error (also websockets' keepalive timeout), 1012 service restart;
 - **4000-4999** are private to an application: 4008 is this gateway's slow
-  consumer (a member whose outbox filled).
+  consumer (a member whose outbox filled). The backend that disconnects a
+  connection through the publish API chooses its code in
+  :data:`KICK_CODES` (4000-4499 but 4008), counted as ``kicked``; 4500-4999
+  are kept for the gateway.
 
 ``reconnect`` says whether a well-behaved client reconnects: after 1012 it
 waits the ``retry_after_ms`` the reason carries; after 4008 or 1011 at once
 with a backoff; after 1002, 1007, 1008 or 1009 it must first change what it
-sends, or it will be closed again.
+sends, or it will be closed again; after a kick it does not reconnect on its
+own (the backend closed it on purpose).
 
 The exceptions, one base for the package (as ``websockets.exceptions`` draws
 its own)::
@@ -43,6 +47,8 @@ __all__ = [
     "DISCONNECT_REASONS",
     "DRAIN",
     "INTERNAL_ERROR",
+    "KICKED",
+    "KICK_CODES",
     "MESSAGE_TOO_LARGE",
     "PING_TIMEOUT",
     "PROTOCOL_ERROR",
@@ -76,6 +82,10 @@ DRAIN: Final = Disconnect("drain", 1012, "service restart")
 SLOW_CONSUMER: Final = Disconnect("slow_consumer", 4008, "slow consumer")
 RATE_LIMITED: Final = Disconnect("rate_limited", 1008, "rate limit exceeded", reconnect=False)
 INTERNAL_ERROR: Final = Disconnect("error", 1011, "internal error")
+# Closed by the backend through the publish API, with a code of KICK_CODES and
+# a reason of its choice (``dataclasses.replace(KICKED, code=..., reason=...)``).
+KICKED: Final = Disconnect("kicked", 4000, "", reconnect=False)
+KICK_CODES: Final = tuple(code for code in range(4000, 4500) if code != SLOW_CONSUMER.code)
 # Closed by the WebSocket protocol (websockets) on the client's input.
 PROTOCOL_ERROR: Final = Disconnect("protocol_error", 1002, reconnect=False)
 MESSAGE_TOO_LARGE: Final = Disconnect("message_too_large", 1009, reconnect=False)
@@ -96,6 +106,7 @@ DISCONNECTS: Final = (
     WRITE_BUFFER,
     INTERNAL_ERROR,
     ABORTED,
+    KICKED,
 )
 # The metric's label set: small and fixed, derived from the values above.
 DISCONNECT_REASONS: Final = tuple(d.label for d in DISCONNECTS)

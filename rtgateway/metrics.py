@@ -6,8 +6,10 @@ Prometheus families only when ``/metrics`` is scraped. What the server's state
 already knows (draining, the connection limit, pending handshakes, bytes
 waiting in outboxes) is not counted twice: it is read from :class:`Live` at
 scrape time. Labels come from small fixed sets (the disconnects of
-``errors.py``, the rejection reasons, the error codes, the API's routes),
-never from a room name or a client.
+``errors.py``, the rejection reasons, the error codes, the API's routes, the
+room namespaces the operator declared), never from a room name or a client.
+Counts by namespace are lists indexed by ``namespaces.Rules.index``, so the
+hot path adds to a list slot.
 
 The rest of the gateway only calls the verbs; no module writes a field.
 """
@@ -133,12 +135,15 @@ class Metrics:
         self.received_bytes = 0
         self.messages_sent = 0
         self.sent_bytes = 0
-        self.rooms_current = 0
-        self.room_members_current = 0
-        self.publishes = 0
-        self.deliveries = 0
         self.protocol_errors = dict.fromkeys(ERROR_CODES, 0)
-        self.dropped = dict.fromkeys(DROP_POLICIES, 0)
+        # By namespace (the ``namespace`` label): see namespaces_declared().
+        self.namespaces: tuple[str, ...] = ()
+        self.rooms_by_namespace: list[int] = []
+        self.members_by_namespace: list[int] = []
+        self.publishes_by_namespace: list[int] = []
+        self.deliveries_by_namespace: list[int] = []
+        self.dropped: dict[str, list[int]] = {}
+        self.namespaces_declared(("default",))
         self.rate_limited = 0
         self.live: Live | None = None  # the server's state, once it runs
         self.fanout = Histogram(FANOUT_BUCKETS)
@@ -168,6 +173,16 @@ class Metrics:
 
     # Verbs used by the rest of the gateway.
 
+    def namespaces_declared(self, names: Sequence[str]) -> None:
+        """The ``namespace`` label's values, by index (the hub's rules, at start)."""
+        self.namespaces = tuple(names)
+        size = len(self.namespaces)
+        self.rooms_by_namespace = [0] * size
+        self.members_by_namespace = [0] * size
+        self.publishes_by_namespace = [0] * size
+        self.deliveries_by_namespace = [0] * size
+        self.dropped = {policy: [0] * size for policy in DROP_POLICIES}
+
     def connection_opened(self) -> None:
         self.connections_current += 1
         self.connections_total += 1
@@ -193,26 +208,48 @@ class Metrics:
     def rate_limit_refused(self) -> None:
         self.rate_limited += 1
 
-    def message_dropped(self, policy: str) -> None:
-        self.dropped[policy] += 1
+    def message_dropped(self, policy: str, namespace: int = 0) -> None:
+        self.dropped[policy][namespace] += 1
 
-    def room_opened(self) -> None:
-        self.rooms_current += 1
+    def room_opened(self, namespace: int = 0) -> None:
+        self.rooms_by_namespace[namespace] += 1
 
-    def room_closed(self) -> None:
-        self.rooms_current -= 1
+    def room_closed(self, namespace: int = 0) -> None:
+        self.rooms_by_namespace[namespace] -= 1
 
-    def member_joined(self) -> None:
-        self.room_members_current += 1
+    def member_joined(self, namespace: int = 0) -> None:
+        self.members_by_namespace[namespace] += 1
 
-    def member_left(self) -> None:
-        self.room_members_current -= 1
+    def member_left(self, namespace: int = 0) -> None:
+        self.members_by_namespace[namespace] -= 1
 
-    def published(self, recipients: int, seconds: float) -> None:
-        self.publishes += 1
-        self.deliveries += recipients
+    def published(self, recipients: int, seconds: float, namespace: int = 0) -> None:
+        self.publishes_by_namespace[namespace] += 1
+        self.deliveries_by_namespace[namespace] += recipients
         self.fanout.observe(recipients)
         self.publish_seconds.observe(seconds)
+
+    # Totals over the namespaces (the stats line, tests).
+
+    @property
+    def rooms_current(self) -> int:
+        return sum(self.rooms_by_namespace)
+
+    @property
+    def room_members_current(self) -> int:
+        return sum(self.members_by_namespace)
+
+    @property
+    def publishes(self) -> int:
+        return sum(self.publishes_by_namespace)
+
+    @property
+    def deliveries(self) -> int:
+        return sum(self.deliveries_by_namespace)
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(sum(counts) for counts in self.dropped.values())
 
     def broker_state(self, connected: bool) -> None:
         """There is a broker, and it is (not) connected."""
@@ -260,6 +297,15 @@ class Metrics:
                 family.add_metric([key], value)
             return family
 
+        namespaces = self.namespaces
+
+        def by_namespace(
+            family: CounterMetricFamily | GaugeMetricFamily, values: Sequence[int], *first: str
+        ) -> Metric:
+            for namespace, value in zip(namespaces, values, strict=True):
+                family.add_metric([*first, namespace], value)
+            return family
+
         live = self.live
         info = GaugeMetricFamily(
             p + "build_info",
@@ -293,15 +339,26 @@ class Metrics:
         yield counter("received_bytes", "Payload bytes received.", self.received_bytes)
         yield counter("messages_sent", "WebSocket frames sent by the outboxes.", self.messages_sent)
         yield counter("sent_bytes", "Bytes written by the outboxes.", self.sent_bytes)
-        yield gauge("rooms_current", "Rooms with at least one member.", self.rooms_current)
-        yield gauge(
-            "room_members_current",
-            "Room memberships (connection, room).",
-            self.room_members_current,
+        ns = ["namespace"]
+        yield by_namespace(
+            GaugeMetricFamily(p + "rooms_current", "Rooms with at least one member.", labels=ns),
+            self.rooms_by_namespace,
         )
-        yield counter("publishes", "Publications fanned out.", self.publishes)
-        yield counter(
-            "deliveries", "Publication frames handed to member outboxes.", self.deliveries
+        yield by_namespace(
+            GaugeMetricFamily(
+                p + "room_members_current", "Room memberships (connection, room).", labels=ns
+            ),
+            self.members_by_namespace,
+        )
+        yield by_namespace(
+            CounterMetricFamily(p + "publishes", "Publications fanned out.", labels=ns),
+            self.publishes_by_namespace,
+        )
+        yield by_namespace(
+            CounterMetricFamily(
+                p + "deliveries", "Publication frames handed to member outboxes.", labels=ns
+            ),
+            self.deliveries_by_namespace,
         )
         yield labelled(
             "protocol_errors",
@@ -309,12 +366,14 @@ class Metrics:
             "code",
             self.protocol_errors,
         )
-        yield labelled(
-            "messages_dropped",
+        dropped = CounterMetricFamily(
+            p + "messages_dropped",
             "Frames dropped by a slow-consumer drop policy.",
-            "policy",
-            self.dropped,
+            labels=["policy", "namespace"],
         )
+        for policy, counts in self.dropped.items():
+            by_namespace(dropped, counts, policy)
+        yield dropped
         yield counter(
             "rate_limited", "Client messages refused by the rate limit.", self.rate_limited
         )

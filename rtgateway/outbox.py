@@ -134,6 +134,7 @@ class Outbox:
         "max_bytes",
         "max_messages",
         "metrics",
+        "namespaces",
         "nbytes",
         "pending_close",
         "policies",
@@ -156,6 +157,8 @@ class Outbox:
         self.max_bytes = max_bytes
         self.frames: list[bytes] = []
         self.policies: list[str] = []
+        # The namespace (its metrics index) of each frame, for the drop counter.
+        self.namespaces: list[int] = []
         self.nbytes = 0
         self.scheduled = False
         self.closed = False
@@ -165,23 +168,26 @@ class Outbox:
         # Why the gateway ended this connection, for the disconnect counter.
         self.disconnect: Disconnect | None = None
 
-    def push(self, frame: bytes, policy: str) -> Disconnect | None:
+    def push(self, frame: bytes, policy: str, namespace: int = 0) -> Disconnect | None:
         """Queue one complete frame; apply ``policy`` if the outbox is full.
 
-        Returns the disconnect the caller must carry out (:meth:`kill`): the
-        client is not reading and its policy, or a reply, leaves no room.
+        ``namespace`` is the metrics index of the frame's room's namespace (a
+        drop is counted under it). Returns the disconnect the caller must
+        carry out (:meth:`kill`): the client is not reading and its policy, or
+        a reply, leaves no room.
         """
         if self.closed:
             return None
         size = len(frame)
         if len(self.frames) >= self.max_messages or self.nbytes + size > self.max_bytes:
-            room = self._make_room(size, policy)
+            room = self._make_room(size, policy, namespace)
             if room is False:
                 return None  # dropped by its policy
             if room is not True:
                 return room
         self.frames.append(frame)
         self.policies.append(policy)
+        self.namespaces.append(namespace)
         nbytes = self.nbytes = self.nbytes + size
         if nbytes >= WRITE_THROUGH_BYTES and self._write_through():
             return None
@@ -207,11 +213,11 @@ class Outbox:
             self.flusher.heavy = True
         return False
 
-    def _make_room(self, size: int, policy: str) -> Disconnect | bool:
+    def _make_room(self, size: int, policy: str, namespace: int) -> Disconnect | bool:
         """True when the frame fits now; False when it was dropped; else the disconnect."""
         if policy == "drop_newest" or (policy == "drop_oldest" and size > self.max_bytes):
             # (A frame larger than the whole outbox can never fit: drop it.)
-            self.metrics.message_dropped(policy)
+            self.metrics.message_dropped(policy, namespace)
             return False
         if size <= self.max_bytes:  # drop_oldest or reply: evict drop_oldest frames
             frames, policies = self.frames, self.policies
@@ -220,14 +226,14 @@ class Outbox:
                 len(frames) >= self.max_messages or self.nbytes + size > self.max_bytes
             ):
                 if policies[i] == "drop_oldest":
+                    self.metrics.message_dropped("drop_oldest", self.namespaces[i])
                     self._discard(i)
-                    self.metrics.message_dropped("drop_oldest")
                 else:
                     i += 1
             if len(frames) < self.max_messages and self.nbytes + size <= self.max_bytes:
                 return True
             if policy == "drop_oldest":
-                self.metrics.message_dropped("drop_oldest")
+                self.metrics.message_dropped("drop_oldest", namespace)
                 return False
         # disconnect, or a reply that cannot fit: the client is not reading.
         return SLOW_CONSUMER
@@ -235,11 +241,13 @@ class Outbox:
     def _discard(self, index: int) -> None:
         frame = self.frames.pop(index)
         del self.policies[index]
+        del self.namespaces[index]
         self.nbytes -= len(frame)
 
     def _clear(self) -> None:
         self.frames.clear()
         self.policies.clear()
+        self.namespaces.clear()
         self.nbytes = 0
 
     def flush_guarded(self) -> None:

@@ -23,7 +23,9 @@ from typing import Any, Final
 from .errors import ProtocolError
 
 __all__ = [
+    "CONN_ID_RE",
     "ERROR_CODES",
+    "MAX_REASON_BYTES",
     "MESSAGE_ENVELOPE_BYTES",
     "ClientMessage",
     "Join",
@@ -41,7 +43,9 @@ __all__ = [
     "message_frame",
     "parse",
     "pong",
+    "removed",
     "text_frame",
+    "valid_conn_id",
     "valid_room",
 ]
 
@@ -60,6 +64,11 @@ ERROR_CODES: Final = (
     "internal",
     "outcome_unknown",
     "room_limit",
+    # Room namespaces (namespaces.py).
+    "room_full",
+    "publish_not_allowed",
+    "join_not_allowed",
+    "unknown_namespace",
 )
 
 POLICIES: Final = ("disconnect", "drop_oldest", "drop_newest")
@@ -67,6 +76,10 @@ MAX_ID_CHARS: Final = 64
 # Ids are echoed to clients, many of them JavaScript: keep integers exact there.
 MAX_SAFE_INTEGER: Final = 2**53 - 1
 ROOM_RE: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+# A connection's id: the token of the gateway process that holds it, a dot,
+# and the connection's own token (both URL-safe base64).
+CONN_ID_RE: Final = re.compile(r"[A-Za-z0-9_\-]{1,32}\.[A-Za-z0-9_\-]{1,32}")
+MAX_REASON_BYTES: Final = 123  # a close frame's reason (RFC 6455 §5.5: 125 bytes of payload)
 
 # Bytes a publication's message adds around its data (message_frame): the
 # JSON keys, a seq and a ts of up to 20 digits each.
@@ -120,6 +133,10 @@ def finite_float(text: str) -> float:
 
 def valid_room(room: object) -> bool:
     return isinstance(room, str) and ROOM_RE.fullmatch(room) is not None
+
+
+def valid_conn_id(conn_id: object) -> bool:
+    return isinstance(conn_id, str) and CONN_ID_RE.fullmatch(conn_id) is not None
 
 
 def _read_id(obj: dict[str, Any]) -> MessageId:
@@ -227,6 +244,14 @@ def ack(id: MessageId, **fields: Any) -> str:
 
 def pong(id: MessageId) -> str:
     return encode({"op": "pong", "id": id})
+
+
+def removed(room: str, reason: str) -> str:
+    """The backend removed this connection from ``room`` (the publish API)."""
+    obj: dict[str, Any] = {"op": "removed", "room": room}
+    if reason:
+        obj["reason"] = reason
+    return encode(obj)
 
 
 def error(code: str, message: str, id: MessageId = None, **extra: Any) -> str:

@@ -71,11 +71,15 @@ class RateLimit:
             wait = self.byte_bucket.take(now, size)
         if not wait:
             return 0.0
+        self.note_refused(now)
+        return wait
+
+    def note_refused(self, now: float) -> None:
+        """Count a message another limit of the connection refused (a namespace's rate)."""
         if now - self.since > self.window_s:
             self.rejected = 0
             self.since = now
         self.rejected += 1
-        return wait
 
     @property
     def exceeded(self) -> bool:

@@ -6,7 +6,10 @@ connection's outbox. A publication is encoded once, by the room, to the bytes
 of one frame that every member's outbox shares.
 
 The :class:`Hub` is this process's registry of rooms and the keeper of each
-room's ``seq``. Alone, it numbers a publication (the room's last ``seq`` + 1)
+room's ``seq``, and holds the operator's rules (:mod:`~rtgateway.namespaces`):
+a room resolves its namespace once, when it is created, and keeps its
+:class:`~rtgateway.namespaces.Rules` (the metrics count by namespace from it).
+Alone, it numbers a publication (the room's last ``seq`` + 1)
 and fans it out at once. With a :class:`Broker` between processes (Redis),
 the broker numbers publications centrally and tells the hub what arrived
 through the narrow :class:`RoomEvents` interface the hub implements
@@ -33,6 +36,7 @@ from typing import Protocol
 
 from . import protocol
 from .metrics import Metrics
+from .namespaces import Namespaces, Rules, parse
 from .outbox import Outbox
 
 __all__ = ["Broker", "Hub", "JoinCallback", "Room", "RoomEvents"]
@@ -43,10 +47,11 @@ JoinCallback = Callable[[int | None], None]
 
 
 class Room:
-    __slots__ = ("live", "members", "name", "pending", "pending_timer", "seq")
+    __slots__ = ("live", "members", "name", "pending", "pending_timer", "rules", "seq")
 
-    def __init__(self, name: str, live: bool) -> None:
+    def __init__(self, name: str, live: bool, rules: Rules) -> None:
         self.name = name
+        self.rules = rules  # its namespace's
         self.members: dict[Outbox, str] = {}
         self.seq = 0  # the last publication delivered here
         self.live = live  # its publications reach this process
@@ -55,8 +60,9 @@ class Room:
         self.pending_timer: asyncio.TimerHandle | None = None
 
     def fan_out(self, frame: bytes) -> int:
+        namespace = self.rules.index
         for outbox, policy in self.members.items():
-            disconnect = outbox.push(frame, policy)
+            disconnect = outbox.push(frame, policy, namespace)
             if disconnect is not None:
                 outbox.kill(disconnect)  # not reading, and its policy says so
         return len(self.members)
@@ -117,11 +123,19 @@ class Hub:
     """This process's rooms and their numbering. Single-threaded: only the event loop calls it."""
 
     def __init__(
-        self, metrics: Metrics, broker: Broker | None = None, *, join_timeout_s: float = 2.0
+        self,
+        metrics: Metrics,
+        broker: Broker | None = None,
+        *,
+        join_timeout_s: float = 2.0,
+        namespaces: Namespaces | None = None,
     ) -> None:
         self.metrics = metrics
         self.broker = broker  # None: this process alone numbers and delivers
         self.join_timeout_s = join_timeout_s
+        # The operator's rules; without any, every room is in the default namespace.
+        self.namespaces = namespaces or parse({}, "")
+        metrics.namespaces_declared(self.namespaces.names)
         self.rooms: dict[str, Room] = {}
         if broker is not None:
             broker.attach(self)
@@ -144,8 +158,9 @@ class Hub:
             if not self.available:
                 on_joined(None)
                 return
-            room = self.rooms[name] = Room(name, live=self.broker is None)
-            self.metrics.room_opened()
+            rules = self.namespaces.rules_for(name) or self.namespaces.default
+            room = self.rooms[name] = Room(name, self.broker is None, rules)
+            self.metrics.room_opened(rules.index)
             if self.broker is not None:
                 room.live = self.broker.room_opened(name)
         if room.live:
@@ -162,7 +177,7 @@ class Hub:
 
     def _add(self, room: Room, member: Outbox, policy: str) -> None:
         if member not in room.members:
-            self.metrics.member_joined()
+            self.metrics.member_joined(room.rules.index)
         room.members[member] = policy
 
     def leave(self, name: str, member: Outbox) -> int:
@@ -177,7 +192,7 @@ class Hub:
         if waiting is not None:
             waiting[1](len(room.members) + 1)
         elif room.members.pop(member, None) is not None:
-            self.metrics.member_left()
+            self.metrics.member_left(room.rules.index)
         remaining = len(room.members)
         self._close_if_empty(room)
         return remaining
@@ -185,6 +200,11 @@ class Hub:
     def members(self, name: str) -> int:
         room = self.rooms.get(name)
         return len(room.members) if room else 0
+
+    def occupancy(self, name: str) -> int:
+        """Members and joiners waiting to be: what a room's ``max_members`` counts."""
+        room = self.rooms.get(name)
+        return len(room.members) + len(room.pending) if room else 0
 
     def _joins_failed(self, room: Room) -> None:
         self._cancel_pending_timer(room)
@@ -203,7 +223,7 @@ class Hub:
             return
         self._cancel_pending_timer(room)
         del self.rooms[room.name]
-        self.metrics.room_closed()
+        self.metrics.room_closed(room.rules.index)
         if self.broker is not None:
             self.broker.room_closed(room.name)
 
@@ -260,7 +280,7 @@ class Hub:
             return 0
         room.seq = seq
         recipients = room.fan_out(protocol.message_frame(name, seq, ts_ms, data))
-        self.metrics.published(recipients, time.perf_counter() - started)
+        self.metrics.published(recipients, time.perf_counter() - started, room.rules.index)
         return recipients
 
     def room_live(self, name: str) -> None:

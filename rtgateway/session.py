@@ -12,6 +12,13 @@ websockets:
   messages are acted on in the order they came;
 - :meth:`Handler.closed` once the connection is gone: every room is left.
 
+The room protocol applies the rules of each room's namespace
+(:mod:`~rtgateway.namespaces`): who may join, who may publish, how many
+members a room may have here, the policies, a publish rate per namespace. A
+:class:`Session` is registered in the server state by its ``conn_id`` while it
+is open, so that the backend can moderate it (:mod:`~rtgateway.moderation`:
+:meth:`Session.kick`, :meth:`Session.remove`).
+
 Everything a handler sends goes through its :class:`~rtgateway.outbox.Outbox`;
 what the outbox cannot take is the handler's to act on (a slow consumer is
 closed). Errors answer the one message (``protocol.error``); a bug while
@@ -21,6 +28,7 @@ handling one costs that message, never the connection.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
 from collections.abc import Awaitable
@@ -28,13 +36,15 @@ from typing import Any, Protocol
 
 from . import protocol
 from .errors import (
+    KICKED,
     RATE_LIMITED,
     BrokerOutcomeUnknown,
     BrokerUnavailable,
     ProtocolError,
 )
+from .namespaces import Rules
 from .outbox import Outbox
-from .ratelimit import RateLimit
+from .ratelimit import RateLimit, TokenBucket
 from .state import Context, ServerState
 
 __all__ = ["Echo", "Handler", "Session"]
@@ -102,13 +112,18 @@ class _Base:
         wait = self.limit.check(self.ctx.clock(), size)
         if not wait:
             return False
+        self.rate_limited(wait, _peek_id(message))
+        return True
+
+    def rate_limited(self, wait: float, id: protocol.MessageId) -> None:
+        """Answer a message a rate limit refused; close the connection past the abuse threshold."""
+        metrics = self.ctx.metrics
         metrics.rate_limit_refused()
         if self.limit.exceeded:
             self.outbox.close(RATE_LIMITED)
         else:
             metrics.protocol_error("rate_limited")
-            self.reply(_rate_limited_error(wait, _peek_id(message)))
-        return True
+            self.reply(_rate_limited_error(wait, id))
 
 
 class Echo(_Base):
@@ -140,15 +155,21 @@ class Echo(_Base):
 class Session(_Base):
     """The room protocol on ``/ws`` for one connection."""
 
-    __slots__ = ("conn_id", "joining", "rooms", "state")
+    __slots__ = ("conn_id", "joined", "joining", "publish_limits", "rooms", "state")
 
     def __init__(self, ctx: Context, state: ServerState, outbox: Outbox, conn_id: str) -> None:
         super().__init__(ctx, outbox)
         self.state = state
-        self.conn_id = conn_id
+        # The id says which gateway process holds the connection (its node),
+        # so that the backend's moderation reaches it; an id that has a dot
+        # is already routable.
+        self.conn_id = conn_id if "." in conn_id or not ctx.node else f"{ctx.node}.{conn_id}"
         self.rooms: dict[str, str] = {}  # room -> this connection's policy there
+        self.joined: dict[str, int] = {}  # room -> when the join took effect, epoch ms
         # Rooms whose join waits for the broker -> the ids to acknowledge then.
         self.joining: dict[str, list[protocol.MessageId]] = {}
+        # Namespace (its index) -> this connection's publish bucket there.
+        self.publish_limits: dict[int, TokenBucket] | None = None
 
     def error(self, code: str, message: str, id: protocol.MessageId = None, **extra: Any) -> None:
         self.ctx.metrics.protocol_error(code)
@@ -156,15 +177,35 @@ class Session(_Base):
 
     def open(self) -> None:
         ctx = self.ctx
+        self.state.session_started(self)
         self.reply(
             protocol.hello(self.conn_id, ctx.server_name, ctx.hello_limits, **ctx.hello_extra)
         )
 
     def closed(self) -> None:
+        self.state.session_ended(self)
         hub = self.ctx.hub
         for room in list(self.rooms):
             hub.leave(room, self.outbox)
         self.rooms.clear()
+        self.joined.clear()
+
+    # Moderation (the backend, through the publish API: moderation.py).
+
+    def kick(self, code: int, reason: str) -> None:
+        """Close with the backend's code and reason, after what is queued; counted ``kicked``."""
+        self.outbox.close(dataclasses.replace(KICKED, code=code, reason=reason))
+
+    def remove(self, room: str, reason: str) -> bool:
+        """Leave ``room`` and tell the client (``removed``); False when not a member."""
+        if room not in self.rooms or self.outbox.closed:
+            return False
+        del self.rooms[room]
+        # A join still waiting for the broker is acknowledged first (hub.leave).
+        self.ctx.hub.leave(room, self.outbox)
+        self.joined.pop(room, None)
+        self.reply(protocol.removed(room, reason))
+        return True
 
     def received(self, message: str | bytes) -> Awaitable[None] | None:
         started = time.perf_counter()
@@ -208,18 +249,26 @@ class Session(_Base):
         if waiting is not None:
             waiting.append(msg.id)  # answered with the first join
             return
+        rules = hub.namespaces.rules_for(msg.room)
+        if rules is None:
+            self.error("unknown_namespace", _unknown_namespace(msg.room), msg.id)
+            return
         joined = self.rooms.get(msg.room)
         if joined is not None:
             # Joining twice is acknowledged and changes nothing.
             if msg.id is not None:
-                members = hub.members(msg.room)
-                self.reply(protocol.ack(msg.id, room=msg.room, members=members, policy=joined))
+                self._ack_join(msg.id, msg.room, hub.members(msg.room), joined, rules)
             return
-        policy = msg.policy or config.slow_consumer_policy
-        if policy not in config.slow_consumer_policies:
+        if not rules.join:
+            self.error(
+                "join_not_allowed", f"clients may not join rooms of {_described(rules)}", msg.id
+            )
+            return
+        policy = msg.policy or rules.policy
+        if policy not in rules.policies:
             self.error(
                 "policy_not_allowed",
-                "allowed policies: " + ", ".join(config.slow_consumer_policies),
+                f"policies allowed in {_described(rules)}: " + ", ".join(rules.policies),
                 msg.id,
             )
             return
@@ -227,6 +276,13 @@ class Session(_Base):
             self.error(
                 "too_many_rooms",
                 f"at most {config.max_rooms_per_connection} rooms per connection",
+                msg.id,
+            )
+            return
+        if rules.max_members and hub.occupancy(msg.room) >= rules.max_members:
+            self.error(
+                "room_full",
+                f"{msg.room} has its {rules.max_members} members on this gateway process",
                 msg.id,
             )
             return
@@ -239,18 +295,30 @@ class Session(_Base):
         self.joining[msg.room] = [msg.id]
         # Acknowledged once the room is live: at once with one process, once
         # Redis confirmed the subscription with workers.
-        hub.join(msg.room, self.outbox, policy, functools.partial(self._joined, msg.room, policy))
+        hub.join(
+            msg.room, self.outbox, policy, functools.partial(self._joined, msg.room, policy, rules)
+        )
 
-    def _joined(self, room: str, policy: str, members: int | None) -> None:
+    def _joined(self, room: str, policy: str, rules: Rules, members: int | None) -> None:
         ids = self.joining.pop(room, [])
         if members is None:
             self.rooms.pop(room, None)
             for id in ids:
                 self.error("unavailable", "the gateway could not join the room now; retry", id)
             return
+        if room in self.rooms:
+            self.joined[room] = time.time_ns() // 1_000_000
         for id in ids:
             if id is not None:
-                self.reply(protocol.ack(id, room=room, members=members, policy=policy))
+                self._ack_join(id, room, members, policy, rules)
+
+    def _ack_join(
+        self, id: protocol.MessageId, room: str, members: int, policy: str, rules: Rules
+    ) -> None:
+        # The rules that apply, so that a client can adapt (who may publish...).
+        self.reply(
+            protocol.ack(id, room=room, members=members, policy=policy, rules=rules.described)
+        )
 
     def leave(self, msg: protocol.Leave) -> None:
         if msg.room not in self.rooms:
@@ -258,6 +326,7 @@ class Session(_Base):
             return
         del self.rooms[msg.room]
         members = self.ctx.hub.leave(msg.room, self.outbox)
+        self.joined.pop(msg.room, None)
         if msg.id is not None:
             self.reply(protocol.ack(msg.id, room=msg.room, members=members))
 
@@ -266,7 +335,19 @@ class Session(_Base):
         if self.state.draining:
             self.error("draining", "the gateway is restarting; reconnect", msg.id)
             return None
-        if config.publish_requires_join and msg.room not in self.rooms:
+        rules = self.ctx.hub.namespaces.rules_for(msg.room)
+        if rules is None:
+            self.error("unknown_namespace", _unknown_namespace(msg.room), msg.id)
+            return None
+        if rules.publish == "api":
+            self.error(
+                "publish_not_allowed",
+                f"only the backend publishes to rooms of {_described(rules)}; nothing was "
+                "published",
+                msg.id,
+            )
+            return None
+        if rules.publish == "members" and msg.room not in self.rooms:
             self.error("not_joined", f"join {msg.room} before publishing to it", msg.id)
             return None
         if (
@@ -281,6 +362,13 @@ class Session(_Base):
                 msg.id,
             )
             return None
+        if rules.publish_rate_per_s:
+            wait = self._publish_bucket(rules).take(self.ctx.clock())
+            if wait:
+                # Counted as the connection's own limit counts a refusal.
+                self.limit.note_refused(self.ctx.clock())
+                self.rate_limited(wait, msg.id)
+                return None
         try:
             pending = self.ctx.hub.submit(msg.room, msg.data, started=started)
         except BrokerUnavailable:
@@ -291,6 +379,17 @@ class Session(_Base):
             self._published(msg, pending)
             return None
         return self._wait_published(msg, pending)
+
+    def _publish_bucket(self, rules: Rules) -> TokenBucket:
+        """This connection's publish bucket in ``rules``' namespace, made on first use."""
+        if self.publish_limits is None:
+            self.publish_limits = {}
+        bucket = self.publish_limits.get(rules.index)
+        if bucket is None:
+            bucket = self.publish_limits[rules.index] = TokenBucket(
+                rules.publish_rate_per_s, rules.publish_burst, self.ctx.clock()
+            )
+        return bucket
 
     async def _wait_published(self, msg: protocol.Publish, pending: Awaitable[int]) -> None:
         future = asyncio.ensure_future(pending)
@@ -316,6 +415,14 @@ class Session(_Base):
         else:
             if msg.id is not None:
                 self.reply(protocol.ack(msg.id, room=msg.room, seq=seq))
+
+
+def _described(rules: Rules) -> str:
+    return "the default namespace" if rules.index == 0 else f"namespace {rules.name}"
+
+
+def _unknown_namespace(room: str) -> str:
+    return f"{room.partition(':')[0]} is not a namespace of this gateway"
 
 
 def _peek_id(message: str | bytes) -> protocol.MessageId:

@@ -7,10 +7,12 @@ websockets passes ``ServerConnection(protocol, server)``; nothing below
 
 - :class:`Context` is frozen: the configuration, the metrics, the hub, the
   flusher, the logger, and what the server says of itself (its name, the
-  ``hello`` fields, the static pages);
+  ``hello`` fields, the static pages, its node: the token that starts the
+  ``conn_id`` of each of its connections), and the moderator;
 - :class:`ServerState` changes: draining or not, the sockets accepted, the
-  open WebSocket sessions (their outboxes), admission's books, and the limits
-  derived from the open-files limit at start.
+  open WebSocket sessions (their outboxes, and the room protocol's sessions
+  by ``conn_id`` for moderation), admission's books, and the limits derived
+  from the open-files limit at start.
 
 This module holds data and no behaviour beyond reading it; it imports the
 package's types only for annotations, so every module may import it.
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from .admission import Admission
     from .config import Config
     from .metrics import Metrics
+    from .moderation import Moderated, Moderator
     from .outbox import Flusher, Outbox
     from .rooms import Hub
 
@@ -59,6 +62,9 @@ class Context:
     hello_limits: Mapping[str, Any]  # the limits a client is told in its hello
     hello_extra: Mapping[str, Any]  # more hello fields ({"worker": N} in a worker)
     static: Mapping[str, StaticFile]  # path -> file served before the upgrade
+    # This process's token, the first part of each conn_id (empty: ids are not routable).
+    node: str = ""
+    moderator: Moderator | None = None  # the backend's moderation (the publish API)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -80,6 +86,9 @@ class ServerState:
         self.sockets: set[Socket] = set()  # every accepted socket, handshake done or not
         self.outboxes: set[Outbox] = set()  # one per open WebSocket session
         self.sessions_done = asyncio.Event()  # set whenever ``outboxes`` becomes empty
+        # The room protocol's open sessions, by conn_id and by outbox (moderation).
+        self.sessions: dict[str, Moderated] = {}
+        self.session_of: dict[Outbox, Moderated] = {}
 
     def session_opened(self, outbox: Outbox) -> None:
         self.outboxes.add(outbox)
@@ -88,6 +97,16 @@ class ServerState:
         self.outboxes.discard(outbox)
         if not self.outboxes:
             self.sessions_done.set()
+
+    def session_started(self, session: Moderated) -> None:
+        """A room-protocol session said hello: the backend may moderate it from now on."""
+        self.sessions[session.conn_id] = session
+        self.session_of[session.outbox] = session
+
+    def session_ended(self, session: Moderated) -> None:
+        if self.sessions.get(session.conn_id) is session:
+            del self.sessions[session.conn_id]
+        self.session_of.pop(session.outbox, None)
 
     # What the metrics read at scrape time (metrics.Live).
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from rtgateway import testing
 from rtgateway.testing import free_port
@@ -41,6 +42,7 @@ __all__ = [
     "require",
     "require_root",
     "require_tool",
+    "sample_sum",
     "supervisor",
     "wait_until",
 ]
@@ -76,6 +78,22 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, str, dict[str, str]]:
             return resp.status, resp.read().decode(), dict(resp.headers)
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode(), dict(exc.headers)
+
+
+def sample_sum(text: str, name: str, labels: str = "") -> float:
+    """The sum of ``name``'s samples in Prometheus ``text`` that carry ``labels``.
+
+    ``labels`` is a selector's inside, ``'{policy="drop_oldest"}'``: samples
+    with more labels (``namespace``, ``worker``) count too, as a
+    ``sum(name{...})`` would.
+    """
+    wanted = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and wanted.items() <= sample.labels.items()
+    )
 
 
 def wait_until(predicate: Any, timeout: float, interval: float = 0.05, what: str = "") -> Any:

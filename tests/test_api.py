@@ -346,6 +346,19 @@ async def test_info_reports_version_connections_rooms_and_draining() -> None:
             "connections": 1,
             "rooms": 1,
             "draining": False,
+            # Without a rules file: the default namespace, under the settings.
+            "namespaces": [
+                {
+                    "namespace": "default",
+                    "publish": "members",
+                    "join": True,
+                    "default_policy": "disconnect",
+                    "policies": ["disconnect", "drop_oldest", "drop_newest"],
+                    "max_members": None,
+                    "publish_rate_per_s": None,
+                }
+            ],
+            "undeclared_namespaces": "default",
         }
 
 

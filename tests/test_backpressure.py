@@ -13,7 +13,7 @@ import re
 
 import pytest
 from conftest import TEST_CONFIG, running_gateway
-from support import GatewayProcess, http_get, wait_until
+from support import GatewayProcess, http_get, sample_sum, wait_until
 from wire import OP_CLOSE, OP_PING, OP_TEXT, RawConnection, encode_frame
 
 from rtgateway.client import Client
@@ -25,10 +25,7 @@ SEQ_RE = re.compile(rb'"seq":(\d+)')
 
 def metric(gw: GatewayProcess, name: str, labels: str = "") -> float:
     _, body, _ = http_get(gw.url + "/metrics")
-    for line in body.splitlines():
-        if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return sample_sum(body, name, labels)
 
 
 def rss_bytes(gw: GatewayProcess) -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import ROOT, GatewayProcess, free_port, http_get, require_tool
+from support import ROOT, GatewayProcess, free_port, http_get, require_tool, sample_sum
 from websockets.asyncio.client import ClientConnection, connect
 
 STATIC = ROOT / "rtgateway" / "static"
@@ -250,9 +250,10 @@ async def make_client(page: Page, name: str, **options: Any) -> None:
 
 
 def metric(gw: GatewayProcess, name: str) -> float:
+    """A sample of ``name`` (``family{labels}`` allowed), summed over the labels it leaves out."""
     _, body, _ = http_get(gw.url + "/metrics")
-    match = re.search(rf"^{re.escape(name)} (\S+)$", body, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    family, _, labels = name.partition("{")
+    return sample_sum(body, family, "{" + labels if labels else "")
 
 
 # Fixtures.

@@ -13,6 +13,7 @@ from rtgateway.errors import (
     CLIENT_CLOSE,
     DISCONNECT_REASONS,
     DISCONNECTS,
+    KICKED,
     MESSAGE_TOO_LARGE,
     PING_TIMEOUT,
     PROTOCOL_ERROR,
@@ -56,10 +57,10 @@ def test_close_codes_are_the_protocols_or_private_and_reasons_fit_a_close_frame(
         assert len(d.reason.encode()) <= 123, d
 
 
-def test_a_client_must_change_what_it_sends_after_1002_1008_1009() -> None:
+def test_a_client_must_change_what_it_sends_after_1002_1008_1009_or_a_kick() -> None:
     """reconnect says whether a well-behaved client comes back as it is."""
     told_to_change = {d.code for d in DISCONNECTS if not d.reconnect}
-    assert told_to_change == {1002, 1008, 1009}
+    assert told_to_change == {1002, 1008, 1009, KICKED.code}  # the backend's 4000-4499
     assert all(d.reconnect for d in DISCONNECTS if d.code in (1011, 1012, 4008, None))
 
 

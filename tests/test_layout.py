@@ -20,6 +20,8 @@ PURE = {
     "errors": set(),
     "protocol": {"errors"},
     "config": {"errors", "protocol"},
+    "namespaces": {"errors", "protocol", "config"},
+    "apimsg": {"protocol", "httpmsg"},
     "ratelimit": set(),
     "admission": set(),
     "http11": {"httpmsg"},

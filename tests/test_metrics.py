@@ -54,6 +54,9 @@ def le(bound: str) -> tuple[tuple[str, str], ...]:
     return (("le", bound),)
 
 
+# Without a rules file every room is in the default namespace (namespaces.py).
+DEFAULT = ("namespace", "default")
+
 VERBS: dict[str, tuple[Callable[[Metrics], None], dict[tuple[str, tuple[Any, ...]], float]]] = {
     "connection_opened": (
         lambda m: m.connection_opened(),
@@ -88,17 +91,23 @@ VERBS: dict[str, tuple[Callable[[Metrics], None], dict[tuple[str, tuple[Any, ...
     ),
     "message_dropped": (
         lambda m: m.message_dropped("drop_newest"),
-        {("rtgateway_messages_dropped_total", (("policy", "drop_newest"),)): 1},
+        {("rtgateway_messages_dropped_total", (DEFAULT, ("policy", "drop_newest"))): 1},
     ),
-    "room_opened": (lambda m: m.room_opened(), {("rtgateway_rooms_current", ()): 1}),
-    "room_closed": (lambda m: m.room_closed(), {("rtgateway_rooms_current", ()): -1}),
-    "member_joined": (lambda m: m.member_joined(), {("rtgateway_room_members_current", ()): 1}),
-    "member_left": (lambda m: m.member_left(), {("rtgateway_room_members_current", ()): -1}),
+    "room_opened": (lambda m: m.room_opened(), {("rtgateway_rooms_current", (DEFAULT,)): 1}),
+    "room_closed": (lambda m: m.room_closed(), {("rtgateway_rooms_current", (DEFAULT,)): -1}),
+    "member_joined": (
+        lambda m: m.member_joined(),
+        {("rtgateway_room_members_current", (DEFAULT,)): 1},
+    ),
+    "member_left": (
+        lambda m: m.member_left(),
+        {("rtgateway_room_members_current", (DEFAULT,)): -1},
+    ),
     "published": (
         lambda m: m.published(7, 0.003),
         {
-            ("rtgateway_publishes_total", ()): 1,
-            ("rtgateway_deliveries_total", ()): 7,
+            ("rtgateway_publishes_total", (DEFAULT,)): 1,
+            ("rtgateway_deliveries_total", (DEFAULT,)): 7,
             **{("rtgateway_fanout_recipients_bucket", le(b)): 1 for b in ("10.0", "50.0")},
             ("rtgateway_fanout_recipients_count", ()): 1,
             ("rtgateway_fanout_recipients_sum", ()): 7,
@@ -243,3 +252,21 @@ def test_the_exposition_with_every_family_populated_parses() -> None:
     names = families(m)
     assert {"process_cpu_seconds", "rtgateway_event_loop_lag_seconds"} <= names
     assert all(name.startswith(("rtgateway_", "process_", "python_")) for name in names)
+
+
+def test_namespace_verbs_count_under_the_declared_names_only() -> None:
+    """With namespaces declared, a verb's index is its name in the label; nothing else appears."""
+    m = metrics()
+    m.namespaces_declared(("default", "chat"))
+    m.published(3, 0.001, namespace=1)
+    m.message_dropped("drop_oldest", 1)
+    m.member_joined(1)
+    samples = scrape(m)
+    chat, default = ("namespace", "chat"), ("namespace", "default")
+    assert samples["rtgateway_publishes_total", (chat,)] == 1
+    assert samples["rtgateway_publishes_total", (default,)] == 0
+    assert samples["rtgateway_deliveries_total", (chat,)] == 3
+    assert samples["rtgateway_room_members_current", (chat,)] == 1
+    assert samples["rtgateway_messages_dropped_total", (chat, ("policy", "drop_oldest"))] == 1
+    names = {dict(labels).get("namespace") for _, labels in samples} - {None}
+    assert names == {"default", "chat"}

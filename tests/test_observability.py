@@ -32,13 +32,22 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from support import ROOT, GatewayProcess, free_port, http_get, require_tool, wait_until
+from support import (
+    ROOT,
+    GatewayProcess,
+    free_port,
+    http_get,
+    require_tool,
+    sample_sum,
+    wait_until,
+)
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -90,6 +99,7 @@ MOVED_BY_LOAD = (
     'rtgateway_disconnects_total{reason="client_close"}',
     'rtgateway_disconnects_total{reason="slow_consumer"}',
     'rtgateway_disconnects_total{reason="rate_limited"}',
+    'rtgateway_disconnects_total{reason="kicked"}',
     'rtgateway_handshake_rejections_total{reason="connection_limit"}',
     'rtgateway_handshake_rejections_total{reason="not_found"}',
     "rtgateway_messages_received_total",
@@ -457,6 +467,7 @@ def substitute(expr: str, job: str, instance: str, window: str) -> str:
         # Grafana regex-escapes variable values, and doubles the backslashes
         # inside a PromQL string literal.
         ("$instance", re.escape(instance).replace("\\", "\\\\")),
+        ("$namespace", ".*"),  # All, the variable's allValue
         ("$job", re.escape(job).replace("\\", "\\\\")),
     ):
         expr = expr.replace(name, value)
@@ -487,10 +498,7 @@ async def request(ws: ClientConnection, msg: dict[str, Any]) -> dict[str, Any]:
 
 def metric_value(port: int, name: str, labels: str = "") -> float:
     _, body, _ = http_get(f"http://127.0.0.1:{port}/metrics")
-    for line in body.splitlines():
-        if line.startswith(f"{name}{labels} "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return sample_sum(body, name, labels)
 
 
 async def member(port: int, room: str, policy: str | None, *, slow: bool) -> ClientConnection:
@@ -525,7 +533,7 @@ async def publish_until(
     raise AssertionError(f"{moved} did not move after {limit} publishes to {room}")
 
 
-async def drive_load(port: int) -> None:
+async def drive_load(port: int, api_port: int) -> None:
     url = f"ws://127.0.0.1:{port}/ws"
     publisher = await member(port, "lobby", None, slow=False)
     listener = await member(port, "lobby", None, slow=False)
@@ -595,6 +603,20 @@ async def drive_load(port: int) -> None:
     status, _, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/no-such-path")
     assert status == 404
 
+    # The backend disconnects one connection through the API (counted as kicked).
+    async with connect(url) as kicked:
+        conn_id = json.loads(await kicked.recv())["conn_id"]
+        body = json.dumps({"conn_id": conn_id, "code": 4001}).encode()
+        kick = urllib.request.Request(
+            f"http://127.0.0.1:{api_port}/api/disconnect",
+            body,
+            {"Content-Type": "application/json"},
+        )
+        await asyncio.to_thread(urllib.request.urlopen, kick, timeout=10)
+        with pytest.raises(ConnectionClosed) as closed:
+            await kicked.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
+
     await publisher.close()
     await listener.close()
 
@@ -652,12 +674,12 @@ def _scrape_restart_and_load(
     # rate() needs the scrapes that follow.
     status, body, _ = http_get(f"http://127.0.0.1:{api_port}/api/info")
     assert status == 200, body
-    asyncio.run(drive_load(port))
+    asyncio.run(drive_load(port, api_port))
 
     # Wait for a scrape taken after the load, and for enough samples for rate().
     final = metric_value(port, "rtgateway_publishes_total")
     wait_until(
-        lambda: values(prom.query(f'rtgateway_publishes_total{{job="{JOB}"}}')) == [final],
+        lambda: sum(values(prom.query(f'rtgateway_publishes_total{{job="{JOB}"}}'))) == final,
         30,
         0.2,
         "a scrape after the load",
@@ -697,7 +719,7 @@ def _check_variables(prom: Prometheus, instance: str) -> None:
         selector = match.group(1).replace("$job", JOB)
         _, reply = prom.api(f"label/{match.group(2)}/values", **{"match[]": selector})
         assert reply["status"] == "success", reply
-        wanted = {"job": JOB, "instance": instance}[var["name"]]
+        wanted = {"job": JOB, "instance": instance, "namespace": "default"}[var["name"]]
         assert wanted in reply["data"], (var["name"], reply)
 
 

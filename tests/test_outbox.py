@@ -130,7 +130,7 @@ def test_disconnect_policy_on_a_full_outbox_returns_slow_consumer() -> None:
     assert b.outbox.push(frame(5), "disconnect") is SLOW_CONSUMER
     assert len(b.outbox.frames) == 4
     assert b.conn.closes() == []  # push never closes by itself
-    assert b.metrics.dropped == {"drop_oldest": 0, "drop_newest": 0}
+    assert b.metrics.dropped == {"drop_oldest": [0], "drop_newest": [0]}
 
 
 def test_drop_newest_drops_the_frame_being_pushed_and_counts_it() -> None:
@@ -140,7 +140,7 @@ def test_drop_newest_drops_the_frame_being_pushed_and_counts_it() -> None:
     assert b.outbox.push(frame(5), "drop_newest") is None
     b.loop.run_ready()
     assert b.conn.writes() == [b"".join(frames)]
-    assert b.metrics.dropped["drop_newest"] == 1
+    assert b.metrics.dropped["drop_newest"] == [1]  # one namespace: default
 
 
 def test_drop_newest_evicts_nothing_even_behind_drop_oldest_frames() -> None:
@@ -149,7 +149,7 @@ def test_drop_newest_evicts_nothing_even_behind_drop_oldest_frames() -> None:
     frames = fill(b.outbox, ["drop_oldest", "drop_oldest"])
     assert b.outbox.push(frame(3), "drop_newest") is None
     assert b.outbox.frames == frames
-    assert b.metrics.dropped == {"drop_oldest": 0, "drop_newest": 1}
+    assert b.metrics.dropped == {"drop_oldest": [0], "drop_newest": [1]}
 
 
 def test_drop_oldest_evicts_only_the_oldest_drop_oldest_frames() -> None:
@@ -162,7 +162,7 @@ def test_drop_oldest_evicts_only_the_oldest_drop_oldest_frames() -> None:
     assert b.outbox.push(d6, "drop_oldest") is None
     assert b.outbox.frames == [r1, x3, d5, d6]
     assert b.outbox.policies == ["reply", "disconnect", "drop_oldest", "drop_oldest"]
-    assert b.metrics.dropped["drop_oldest"] == 2
+    assert b.metrics.dropped["drop_oldest"] == [2]  # one namespace: default
     b.loop.run_ready()
     assert b.conn.writes() == [r1 + x3 + d5 + d6]
 
@@ -173,7 +173,7 @@ def test_drop_oldest_with_nothing_to_evict_drops_the_new_frame() -> None:
     frames = fill(b.outbox, ["reply", "disconnect", "drop_newest"])
     assert b.outbox.push(frame(4), "drop_oldest") is None
     assert b.outbox.frames == frames
-    assert b.metrics.dropped["drop_oldest"] == 1
+    assert b.metrics.dropped["drop_oldest"] == [1]  # one namespace: default
 
 
 def test_a_drop_oldest_frame_larger_than_the_whole_outbox_is_dropped_alone() -> None:
@@ -182,7 +182,7 @@ def test_a_drop_oldest_frame_larger_than_the_whole_outbox_is_dropped_alone() -> 
     frames = fill(b.outbox, ["drop_oldest", "drop_oldest"])
     assert b.outbox.push(frame(3, size=200), "drop_oldest") is None
     assert b.outbox.frames == frames
-    assert b.metrics.dropped["drop_oldest"] == 1
+    assert b.metrics.dropped["drop_oldest"] == [1]  # one namespace: default
 
 
 def test_the_outbox_is_bounded_by_bytes_as_well_as_by_frames() -> None:
@@ -205,7 +205,7 @@ def test_a_reply_is_never_dropped_it_evicts_drop_oldest_frames() -> None:
     ack = frame(9)
     assert b.outbox.push(ack, "reply") is None
     assert b.outbox.frames == [d2, d3, ack]
-    assert b.metrics.dropped == {"drop_oldest": 1, "drop_newest": 0}
+    assert b.metrics.dropped == {"drop_oldest": [1], "drop_newest": [0]}
 
 
 def test_a_reply_that_cannot_fit_makes_the_client_a_slow_consumer() -> None:
@@ -214,7 +214,7 @@ def test_a_reply_that_cannot_fit_makes_the_client_a_slow_consumer() -> None:
     frames = fill(b.outbox, ["reply", "disconnect", "drop_newest"])
     assert b.outbox.push(frame(4), "reply") is SLOW_CONSUMER
     assert b.outbox.frames == frames
-    assert b.metrics.dropped == {"drop_oldest": 0, "drop_newest": 0}
+    assert b.metrics.dropped == {"drop_oldest": [0], "drop_newest": [0]}
 
 
 # Write-through past WRITE_THROUGH_BYTES, and the heavy flag.

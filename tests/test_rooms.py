@@ -43,6 +43,15 @@ async def test_join_publish_leave_flow(gateway: RunningGateway) -> None:
             "room": "lobby",
             "members": 2,
             "policy": "disconnect",
+            "rules": {
+                "namespace": "default",
+                "publish": "members",
+                "join": True,
+                "default_policy": "disconnect",
+                "policies": ["disconnect", "drop_oldest", "drop_newest"],
+                "max_members": None,
+                "publish_rate_per_s": None,
+            },
         }
         assert await b.publish("lobby", {"text": "hi"}) == 1
         for c in (a, b):

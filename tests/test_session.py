@@ -21,6 +21,7 @@ import structlog
 from recording import FakeClock, ManualLoop, RecordingConnection
 from structlog.testing import capture_logs
 
+from rtgateway import namespaces
 from rtgateway.admission import Admission
 from rtgateway.config import Config
 from rtgateway.errors import BrokerOutcomeUnknown, BrokerUnavailable
@@ -60,13 +61,33 @@ class RecordingBroker:
         self.closed.append(room)
 
 
+# What an ack says of a room's rules without RTG_ROOMS_FILE: the settings' defaults.
+RULES = {
+    "rules": {
+        "namespace": "default",
+        "publish": "members",
+        "join": True,
+        "default_policy": "disconnect",
+        "policies": ["disconnect", "drop_oldest", "drop_newest"],
+        "max_members": None,
+        "publish_rate_per_s": None,
+    }
+}
+
+
 class Server:
     """The context and state every session of one test shares."""
 
     def __init__(self, broker: RecordingBroker | None = None, **changes: Any) -> None:
         self.config = Config().replace(**changes)
         self.metrics = Metrics(version="test", websockets_version="test")
-        self.hub = Hub(self.metrics, broker, join_timeout_s=self.config.broker_timeout_s)
+        # The rules the gateway builds from the settings when there is no RTG_ROOMS_FILE.
+        self.hub = Hub(
+            self.metrics,
+            broker,
+            join_timeout_s=self.config.broker_timeout_s,
+            namespaces=namespaces.from_config(self.config),
+        )
         self.loop = ManualLoop()
         self.clock = FakeClock()
         self.ctx = Context(
@@ -157,7 +178,7 @@ async def test_a_join_is_acknowledged_with_the_member_count_and_the_policy() -> 
     server = Server()
     a, b = server.client(), server.client()
     assert a.ask({"op": "join", "room": "lobby", "id": 1}) == [
-        {"op": "ack", "id": 1, "room": "lobby", "members": 1, "policy": "disconnect"}
+        {"op": "ack", "id": 1, "room": "lobby", "members": 1, "policy": "disconnect", **RULES}
     ]
     [ack] = b.ask({"op": "join", "room": "lobby", "id": "b", "policy": "drop_oldest"})
     assert (ack["members"], ack["policy"]) == (2, "drop_oldest")
@@ -405,8 +426,8 @@ async def test_a_join_is_answered_only_once_the_broker_says_the_room_is_live() -
     assert server.hub.members("r") == 0
     server.hub.room_live("r")
     assert client.replies() == [
-        {"op": "ack", "id": 1, "room": "r", "members": 1, "policy": "disconnect"},
-        {"op": "ack", "id": 2, "room": "r", "members": 1, "policy": "disconnect"},
+        {"op": "ack", "id": 1, "room": "r", "members": 1, "policy": "disconnect", **RULES},
+        {"op": "ack", "id": 2, "room": "r", "members": 1, "policy": "disconnect", **RULES},
     ]
     assert server.hub.members("r") == 1
 

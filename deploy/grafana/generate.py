@@ -30,6 +30,9 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Every series selector carries this filter; Grafana expands a multi-value
 # variable into a regex alternation, hence =~.
 SEL = 'job=~"$job", instance=~"$instance"'
+# The metrics counted by room namespace (rooms, memberships, publishes,
+# deliveries, drops) also filter on the $namespace variable.
+NS = 'namespace=~"$namespace"'
 RATE = "$__rate_interval"
 
 Panel = dict[str, Any]
@@ -241,7 +244,8 @@ def connections() -> list[Panel]:
         timeseries(
             "Connects and disconnects /s by reason",
             "Connections opened per second, and closed per second by reason (client_close, "
-            "drain, slow_consumer, rate_limited, protocol_error, ping_timeout, error, ...).",
+            "drain, slow_consumer, rate_limited, protocol_error, ping_timeout, error, kicked "
+            "(the backend's POST /api/disconnect), ...).",
             targets(
                 (f"sum({rate('rtgateway_connections_total')})", "connect"),
                 (
@@ -279,11 +283,19 @@ def connections() -> list[Panel]:
             ),
         ),
         timeseries(
-            "Rooms and memberships",
-            "Rooms with at least one member, and (connection, room) memberships.",
+            "Rooms and memberships by namespace",
+            "Rooms with at least one member, and (connection, room) memberships, per room "
+            "namespace of RTG_ROOMS_FILE (default: rooms without one). A namespace's max_members "
+            "caps one room per gateway process.",
             targets(
-                (f"sum(rtgateway_rooms_current{{{SEL}}})", "rooms"),
-                (f"sum(rtgateway_room_members_current{{{SEL}}})", "memberships"),
+                (
+                    f"sum by (namespace) (rtgateway_rooms_current{{{SEL}, {NS}}})",
+                    "{{namespace}} rooms",
+                ),
+                (
+                    f"sum by (namespace) (rtgateway_room_members_current{{{SEL}, {NS}}})",
+                    "{{namespace}} memberships",
+                ),
             ),
         ),
     ]
@@ -311,10 +323,17 @@ def messages() -> list[Panel]:
         ),
         timeseries(
             "Publishes and deliveries /s",
-            "Publications fanned out, and the frames they put into member outboxes.",
+            "Publications fanned out, and the frames they put into member outboxes, per room "
+            "namespace.",
             targets(
-                (f"sum({rate('rtgateway_publishes_total')})", "publishes"),
-                (f"sum({rate('rtgateway_deliveries_total')})", "deliveries"),
+                (
+                    f"sum by (namespace) ({rate('rtgateway_publishes_total', NS)})",
+                    "{{namespace}} publishes",
+                ),
+                (
+                    f"sum by (namespace) ({rate('rtgateway_deliveries_total', NS)})",
+                    "{{namespace}} deliveries",
+                ),
             ),
             unit="ops",
         ),
@@ -344,7 +363,9 @@ def messages() -> list[Panel]:
         ),
         timeseries(
             "Protocol errors /s by code",
-            "Error replies sent to clients (bad_json, not_joined, rate_limited, ...).",
+            "Error replies sent to clients (bad_json, not_joined, rate_limited, and the room "
+            "namespaces' room_full, publish_not_allowed, join_not_allowed, unknown_namespace, "
+            "...).",
             targets(
                 (f"sum by (code) ({rate('rtgateway_protocol_errors_total')})", "{{code}}"),
             ),
@@ -361,10 +382,13 @@ def backpressure() -> list[Panel]:
     return [
         timeseries(
             "Slow consumers: drops /s by policy, disconnects /s",
-            "Frames dropped by the drop_oldest / drop_newest policies, and connections closed "
-            "with 4008 under the disconnect policy.",
+            "Frames dropped by the drop_oldest / drop_newest policies (per room namespace), and "
+            "connections closed with 4008 under the disconnect policy.",
             targets(
-                (f"sum by (policy) ({rate('rtgateway_messages_dropped_total')})", "{{policy}}"),
+                (
+                    f"sum by (namespace, policy) ({rate('rtgateway_messages_dropped_total', NS)})",
+                    "{{namespace}} {{policy}}",
+                ),
                 (
                     SLOW_DISCONNECTS,
                     "disconnect (4008)",
@@ -560,6 +584,12 @@ def variables() -> list[dict[str, Any]]:
         query_var("job", "Job", "label_values(rtgateway_build_info, job)"),
         query_var(
             "instance", "Instance", 'label_values(rtgateway_build_info{job=~"$job"}, instance)'
+        ),
+        # The namespaces of RTG_ROOMS_FILE, and "default" (rooms without one).
+        query_var(
+            "namespace",
+            "Namespace",
+            'label_values(rtgateway_room_members_current{job=~"$job"}, namespace)',
         ),
     ]
 

@@ -19,7 +19,11 @@
  *   message      {room, seq, ts, data}
  *   gap          {room, expected, got}    messages expected..got-1 were missed
  *   close        {code, reason, wasClean} every time a socket closes
+ *   removed      {room, reason}           the backend took this client out of a room
  *   error        {code, message, ...}     failed sockets, rejoins, unsolicited errors
+ *
+ * A close with a code of 4000-4499 (but 4008) is the backend's: the client
+ * does not reconnect by itself (state closed, `kicked: true`); connect() does.
  *
  * See docs/browser.md for the full API and the reconnect rules.
  */
@@ -28,6 +32,11 @@ export const VERSION = "0.1.0";
 
 /** Close code the gateway sends while it drains for a restart. */
 export const SERVICE_RESTART = 1012;
+
+/** Whether a close code is the backend's disconnect (4000-4499 but 4008, the slow consumer). */
+export function isKick(code) {
+  return code >= 4000 && code <= 4499 && code !== 4008;
+}
 
 /** Error codes that say "try again later", not "this request is wrong". */
 const TRANSIENT = new Set(["rate_limited", "draining", "unavailable", "internal"]);
@@ -222,7 +231,11 @@ export class RtGatewayClient extends EventTarget {
       // Browsers hide why (refused, 403, TLS): the close event that follows has 1006.
       this.#emit("error", { code: "socket_error", message: "the WebSocket failed", url: this.#url });
     };
-    ws.onclose = (event) => this.#socketClosed(ws, event.code, event.reason, event.wasClean, true);
+    // The backend's disconnect is on purpose: coming straight back would undo it.
+    ws.onclose = (event) => {
+      const kicked = isKick(event.code);
+      this.#socketClosed(ws, event.code, event.reason, event.wasClean, !kicked, kicked);
+    };
     // The connection counts as open at the gateway's hello, not at the upgrade.
     this.#connectTimer = setTimeout(
       () => this.#drop(ws, "no hello from the gateway"),
@@ -246,7 +259,7 @@ export class RtGatewayClient extends EventTarget {
     ws.onmessage = ws.onerror = ws.onclose = null;
   }
 
-  #socketClosed(ws, code, reason, wasClean, reconnect) {
+  #socketClosed(ws, code, reason, wasClean, reconnect, kicked = false) {
     if (ws !== this.#ws) return;
     this.#ws = null;
     this.#hello = null;
@@ -265,7 +278,13 @@ export class RtGatewayClient extends EventTarget {
         this.#settle(req, null, new RtGatewayError("disconnected", "the connection closed"));
       }
     }
-    if (!reconnect) return;
+    if (!reconnect) {
+      if (kicked) {
+        this.#failAll(new RtGatewayError("closed", `the gateway closed the connection: ${reason}`));
+        this.#setState("closed", { code, reason, kicked: true });
+      }
+      return;
+    }
     let delayMs;
     const advertised = code === SERVICE_RESTART ? retryAfterFromReason(reason) : null;
     if (advertised !== null) {
@@ -391,6 +410,12 @@ export class RtGatewayClient extends EventTarget {
         break;
       case "hello":
         this.#opened(ws, msg);
+        break;
+      case "removed":
+        // The backend took this client out of the room: do not rejoin it.
+        this.#rooms.delete(msg.room);
+        this.#lastSeq.delete(msg.room);
+        this.#emit("removed", { room: msg.room, reason: msg.reason ?? "" });
         break;
       case "ack":
       case "pong": {
