@@ -56,6 +56,7 @@ from .worker import HostMetrics, WorkerInfo, WorkerSocket
 
 if TYPE_CHECKING:
     from .broker import RedisBroker
+    from .cluster import ClusterBroker
 
 __all__ = ["Gateway", "raise_nofile_limit"]
 
@@ -94,17 +95,16 @@ class Gateway:
         self.worker = worker  # None: a single-process gateway
         self.log = get_logger()
         self.metrics = Metrics(version=__version__, websockets_version=websockets_version)
-        self.broker: RedisBroker | None = None
+        self.broker: RedisBroker | ClusterBroker | None = None
         if config.broker_url:
             from .broker import RedisBroker  # only deployments with Redis import redis
+            from .cluster import SCHEME, ClusterBroker
 
-            self.broker = RedisBroker(
-                config.broker_url,
-                self.metrics,
-                self.log,
-                timeout_s=config.broker_timeout_s,
-                room_ttl_s=config.broker_room_ttl_s,
-            )
+            options = {"timeout_s": config.broker_timeout_s, "room_ttl_s": config.broker_room_ttl_s}
+            if config.broker_url.startswith(SCHEME + "://"):
+                self.broker = ClusterBroker(config.broker_url, self.metrics, self.log, **options)
+            else:
+                self.broker = RedisBroker(config.broker_url, self.metrics, self.log, **options)
             self.metrics.broker_state(connected=False)
         self.hub = Hub(self.metrics, self.broker, join_timeout_s=config.broker_timeout_s)
         self.notifier = notifier or Notifier()
@@ -270,7 +270,7 @@ class Gateway:
         except TimeoutError:
             self.log.warning("listener_close_timeout")
 
-    async def _connect_broker(self, broker: RedisBroker, ctx: Context) -> None:
+    async def _connect_broker(self, broker: RedisBroker | ClusterBroker, ctx: Context) -> None:
         broker.flusher = ctx.flusher  # deliveries are paced like publications
         task = asyncio.create_task(broker.run())
 

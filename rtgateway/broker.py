@@ -59,7 +59,7 @@ import math
 import random
 import time
 import urllib.parse
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio.connection import Connection
@@ -140,6 +140,20 @@ def parse_redis_url(url: str) -> tuple[str, int, int]:
 class RedisBroker:
     """Numbers publications in Redis and delivers what Redis sends back."""
 
+    # What a node of a Redis Cluster changes (cluster.py): names, verbs, script.
+    publish_script = PUBLISH
+    subscribe_verbs = ("SUBSCRIBE", "UNSUBSCRIBE")
+    reply_kinds = (b"message", b"subscribe", b"unsubscribe")
+
+    def seq_key(self, room: str) -> str:
+        return SEQ_KEY + room
+
+    def channel(self, room: str) -> str:
+        return CHANNEL + room
+
+    def room_of(self, channel: bytes) -> str:
+        return channel[len(CHANNEL) :].decode("ascii")
+
     def __init__(
         self,
         url: str,
@@ -174,7 +188,7 @@ class RedisBroker:
         self.connect_subscriber = functools.partial(connection, socket_timeout=None)
         self.publisher = Publisher(
             functools.partial(connection, socket_timeout=timeout_s),
-            (PUBLISH, RESTORE),
+            (self.publish_script, RESTORE),
             timeout_s,
             self._failed,
         )
@@ -208,7 +222,8 @@ class RedisBroker:
         if not self.connected:
             raise BrokerUnavailable("redis is not connected")
         args = (floor, ts_ms, data, self.room_ttl_s)
-        return self.publisher.call(PUBLISH, (SEQ_KEY + room, CHANNEL + room), args)
+        keys = (self.seq_key(room), self.channel(room))
+        return self.publisher.call(self.publish_script, keys, args)
 
     def room_opened(self, room: str) -> bool:
         self.wanted.add(room)
@@ -315,19 +330,24 @@ class RedisBroker:
             for room in self.dirty:
                 wanted = room in self.wanted
                 if wanted != self.sent.get(room, False):
-                    (subscribe if wanted else unsubscribe).append(CHANNEL + room)
+                    (subscribe if wanted else unsubscribe).append(room)
                     self.sent[room] = wanted
                     self.inflight[room] = self.inflight.get(room, 0) + 1
             self.dirty.clear()
             if not subscribe and not unsubscribe:
                 continue
-            self.live.difference_update(channel[len(CHANNEL) :] for channel in unsubscribe)
+            self.live.difference_update(unsubscribe)
             commands = [
-                (verb, *channels[i : i + CHANNELS_PER_COMMAND])
-                for verb, channels in (("SUBSCRIBE", subscribe), ("UNSUBSCRIBE", unsubscribe))
-                for i in range(0, len(channels), CHANNELS_PER_COMMAND)
+                command
+                for verb, rooms in zip(self.subscribe_verbs, (subscribe, unsubscribe), strict=True)
+                for command in self.commands(verb, rooms)
             ]
             await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+
+    def commands(self, verb: str, rooms: list[str]) -> Iterator[tuple[str, ...]]:
+        """``verb`` for ``rooms``, in commands of at most CHANNELS_PER_COMMAND channels."""
+        for i in range(0, len(rooms), CHANNELS_PER_COMMAND):
+            yield (verb, *map(self.channel, rooms[i : i + CHANNELS_PER_COMMAND]))
 
     def _confirmed(self, room: str, subscribed: bool) -> None:
         """Redis answered one (un)subscribe for ``room``."""
@@ -354,23 +374,23 @@ class RedisBroker:
 
     async def _read(self, conn: Connection) -> None:
         loop = asyncio.get_running_loop()
-        prefix = len(CHANNEL)
+        message, subscribed, unsubscribed = self.reply_kinds
         while True:
             reply = await conn.read_response()
             self.last_seen = loop.time()
             if not isinstance(reply, list) or len(reply) < 3:
                 continue  # PONG
             kind, channel = reply[0], reply[1]
-            if kind == b"message":
-                self._deliver(channel[prefix:].decode("ascii"), reply[2])
+            if kind == message:
+                self._deliver(self.room_of(channel), reply[2])
                 # Messages already read are handed over without yielding: a
                 # burst of heavy ones is spread over loop iterations.
                 if self.flusher is not None and self.flusher.heavy:
                     await self.flusher.relieve()
-            elif kind == b"subscribe":
-                self._confirmed(channel[prefix:].decode("ascii"), True)
-            elif kind == b"unsubscribe" and channel is not None:
-                self._confirmed(channel[prefix:].decode("ascii"), False)
+            elif kind == subscribed:
+                self._confirmed(self.room_of(channel), True)
+            elif kind == unsubscribed and channel is not None:
+                self._confirmed(self.room_of(channel), False)
 
     async def _keepalive(self, conn: Connection) -> None:
         loop = asyncio.get_running_loop()
@@ -432,7 +452,7 @@ class RedisBroker:
 
     def _restore_call(self, room: str) -> asyncio.Future[Any]:
         args = (self.hub.seq(room), self.room_ttl_s)
-        return self.publisher.call(RESTORE, (SEQ_KEY + room,), args, internal=True)
+        return self.publisher.call(RESTORE, (self.seq_key(room),), args, internal=True)
 
     def _failed(self, exc: BaseException, count: int, sent: bool) -> None:
         """The publisher failed ``count`` calls: one log line, the count in /metrics."""
