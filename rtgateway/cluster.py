@@ -350,6 +350,7 @@ class ClusterBroker:
 
     def room_lost(self, node: NodeBroker, room: str) -> None:
         """A node dropped ``room``'s subscription on its own: its slot moved."""
+        self.log.info("broker_room_moved", node=node_name(node.address))
         if self.owner.get(room) == node.address:
             node.forget(room)
             del self.owner[room]

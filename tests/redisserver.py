@@ -188,6 +188,24 @@ class RedisCluster:
                 return False
         return True
 
+    def node_id(self, port: int) -> bytes:
+        return bytes(self.server(port).command("CLUSTER", "MYID"))
+
+    def move_slot(self, slot: int, source: int, target: int) -> None:
+        """Reshard one slot from master ``source`` to master ``target``, keys and all.
+
+        The steps of ``redis-cli --cluster reshard`` for one slot: importing,
+        migrating, MIGRATE every key, then the slot's new owner told to every
+        master.
+        """
+        source_id, target_id = self.node_id(source), self.node_id(target)
+        self.server(target).command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        self.server(source).command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        while keys := self.server(source).command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            self.server(source).command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+        for port in (target, source, *self.masters()):
+            self.server(port).command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
     def stop(self) -> None:
         for server in self.servers:
             server.stop()

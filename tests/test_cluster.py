@@ -32,7 +32,7 @@ from redisserver import RedisCluster
 from support import GatewayProcess, eventually, http_get, wait_until
 
 from rtgateway.client import Client, ServerError
-from rtgateway.cluster import parse_cluster_url
+from rtgateway.cluster import parse_cluster_url, room_slot
 from rtgateway.config import ConfigError, load
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]
@@ -133,6 +133,43 @@ async def test_rooms_on_every_shard_keep_one_order_across_two_gateways(
             counts = server.command("PUBSUB", "SHARDNUMSUB", *(f"rtg:room:{{{r}}}" for r in names))
             assert list(counts[1::2]) == [2] * len(names), counts
         for client in (*members.values(), *publishers):
+            await client.close()
+
+
+async def test_a_resharded_room_follows_its_slot_to_the_new_master(
+    redis_cluster: RedisCluster,
+) -> None:
+    """A room's slot moved to another master: it is subscribed there, seq continues."""
+    by_master = rooms_per_master(redis_cluster, per_master=1)
+    (source, [room]), (target, _) = list(by_master.items())[:2]
+    channel = f"rtg:room:{{{room}}}"
+    async with two_gateways(redis_cluster) as gateways:
+        members = [await Client.open(gw.ws_url) for gw in gateways]
+        for member in members:
+            await member.join(room)
+        publisher = await Client.open(gateways[1].ws_url)
+        for n in range(5):
+            await publisher.publish(room, f"before-{n}")
+        await asyncio.to_thread(redis_cluster.move_slot, room_slot(room), source, target)
+        # Both gateways resubscribe on the new master by themselves.
+        await asyncio.to_thread(
+            wait_until,
+            lambda: redis_cluster.server(target).command("PUBSUB", "SHARDNUMSUB", channel)[1] == 2,
+            20,
+            what="both gateways subscribed on the new master",
+        )
+        seqs = [await publisher.publish(room, f"after-{n}") for n in range(5)]
+        for member in members:
+            seen = [await member.next_message(timeout=10) for _ in range(10)]
+            assert [m["data"] for m in seen] == [
+                *(f"before-{n}" for n in range(5)),
+                *(f"after-{n}" for n in range(5)),
+            ]
+            # The counter moved with the slot: no gap, no step back.
+            assert_consecutive(seen)
+            assert [m["seq"] for m in seen[5:]] == seqs
+        assert redis_cluster.server(source).command("PUBSUB", "SHARDNUMSUB", channel)[1] == 0
+        for client in (*members, publisher):
             await client.close()
 
 
