@@ -390,7 +390,12 @@ class ClusterBroker:
                 failures += 1
             else:
                 failures = 0
-                self._apply(ranges)
+                try:
+                    self._apply(ranges)
+                except Exception:
+                    # A bug must not end following the map: log it, read it again.
+                    self.metrics.broker_error(1)
+                    self.log.exception("broker_cluster_failed")
             healthy = self.mapped and all(node.connected for node in self.nodes.values())
             interval = REFRESH_INTERVAL_S if healthy else TROUBLE_INTERVAL_S
             try:

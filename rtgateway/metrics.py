@@ -37,6 +37,7 @@ from .protocol import ERROR_CODES
 __all__ = [
     "DISCONNECT_REASONS",
     "HANDSHAKE_REJECTIONS",
+    "MAX_BROKER_NODES",
     "Histogram",
     "Live",
     "Metrics",
