@@ -151,6 +151,7 @@ class GatewayProcess:
                 if self.ready is None and event.get("event") == self.ready_event:
                     self._on_ready(event)
         finally:
+            self.proc.stdout.close()  # else a ResourceWarning once collected
             self._settled.set()
 
     def _on_ready(self, event: dict[str, Any]) -> None:
