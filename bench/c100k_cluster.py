@@ -101,6 +101,8 @@ def start_cluster(servers: Servers, cli: str, workdir: Path) -> list[int]:
     ports = [
         servers.start(
             *("--cluster-enabled", "yes"),
+            # A replica writes the RDB it syncs from into its directory.
+            *("--dir", str(workdir)),
             *("--cluster-config-file", str(workdir / f"nodes-{n}.conf")),
             *("--cluster-port", str(free_port())),
             *("--cluster-node-timeout", "2000"),

@@ -110,6 +110,8 @@ class RedisCluster:
             RedisServer(
                 binary,
                 *("--cluster-enabled", "yes"),
+                # A replica writes the RDB it syncs from into its directory.
+                *("--dir", str(workdir)),
                 *("--cluster-config-file", str(workdir / f"nodes-{n}.conf")),
                 # The bus port is PORT + 10000 unless set: past 65535 for
                 # an ephemeral PORT.
