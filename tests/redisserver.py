@@ -183,8 +183,10 @@ class RedisCluster:
         server.proc = None
 
     def promoted(self, killed: int) -> bool:
-        """Every live node maps the dead master's slots to another master."""
+        """Every other live node maps the dead (or frozen) master's slots to another master."""
         for server in self.live():
+            if server.port == killed:
+                continue  # frozen, it answers nothing
             slots = server.command("CLUSTER", "SLOTS")
             if any(int(entry[2][1]) == killed for entry in slots) or len(slots) < 3:
                 return False

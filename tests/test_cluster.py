@@ -297,3 +297,63 @@ async def test_killed_master_fails_over_without_losing_what_was_acknowledged(
         assert answers & {"unavailable", "outcome_unknown"}, answers
         for client in (*members.values(), *publishers):
             await client.close()
+
+
+async def test_a_hung_master_gets_answers_not_hangs_and_rejoins_as_a_replica(
+    redis_cluster: RedisCluster,
+) -> None:
+    """A master frozen (SIGSTOP): answers in time, failover, and thawed it is a replica."""
+    by_master = rooms_per_master(redis_cluster, per_master=1)
+    frozen = next(iter(by_master))
+    [room] = by_master[frozen]
+    async with two_gateways(redis_cluster) as gateways:
+        member = await Client.open(gateways[0].ws_url)
+        await member.join(room)
+        publisher = await Client.open(gateways[1].ws_url)
+        assert await publisher.publish(room, "before") == 1
+        redis_cluster.server(frozen).freeze()
+        try:
+            answers = []
+            for n in range(3):
+                try:
+                    async with asyncio.timeout(10):  # a hang fails here
+                        await publisher.publish(room, f"frozen-{n}")
+                except ServerError as exc:
+                    answers.append(exc.code)
+            assert set(answers) <= {"outcome_unknown", "unavailable"} and answers, answers
+            await asyncio.to_thread(wait_until, lambda: redis_cluster.promoted(frozen), 30)
+            await eventually(
+                lambda: all(
+                    gw.metrics.broker_connected
+                    and f"127.0.0.1:{frozen}" not in gw.metrics.broker_nodes
+                    for gw in gateways
+                ),
+                30,
+                what="both gateways on the promoted replica",
+            )
+            after = await publisher.publish(room, "after")
+        finally:
+            redis_cluster.server(frozen).thaw()
+        seen = [m async for m in _until_data(member, "after")]
+        assert seen[0]["data"] == "before"
+        assert seen[-1]["seq"] == after > 1
+        # Thawed, the old master learns it was replaced and follows the new one.
+        await asyncio.to_thread(
+            wait_until,
+            lambda: redis_cluster.server(frozen).command("INFO", "replication")["role"] == "slave",
+            30,
+            what="the old master demoted to a replica",
+        )
+        assert await publisher.publish(room, "later") == after + 1
+        assert (await member.next_message(timeout=10))["data"] == "later"
+        assert all(len(gw.metrics.broker_nodes) == 3 for gw in gateways)
+        for client in (member, publisher):
+            await client.close()
+
+
+async def _until_data(client: Client, data: str) -> AsyncIterator[dict[str, Any]]:
+    while True:
+        message = await client.next_message(timeout=10)
+        yield message
+        if message["data"] == data:
+            return
