@@ -16,10 +16,22 @@
 # Needs redis-server on PATH (or --broker-url); prints a table and whether each goal was met,
 # writes results/c100k.json and results/c100k.png (matplotlib: requirements/bench.txt).
 
-C100K_ARGS ?=
+#
+#   make c100k-cluster  # the same benchmark on one Redis, then on a Redis Cluster of 3 masters
+#                       # with a replica each (started by the script): deliveries/s and Redis CPU
+#                       # per publication side by side (bench/c100k_cluster.py; ~4 minutes)
+#   make c100k-cluster C100K_CLUSTER_ARGS="--connections 3000 -- --room-size 100"
 
-.PHONY: c100k
+C100K_ARGS ?=
+C100K_CLUSTER_ARGS ?= --connections 6000 -- --room-size 50 --hold 40 --rooms-duration 20 \
+	--large-duration 10
+
+.PHONY: c100k c100k-cluster
 
 ## Many connections on one host through workers and Redis: make c100k [C100K_ARGS=...]
 c100k: venv
 	$(BIN)/python bench/c100k.py $(C100K_ARGS)
+
+## C100k's sibling: one Redis next to a 3+3 Redis Cluster: make c100k-cluster [C100K_CLUSTER_ARGS=...]
+c100k-cluster: venv
+	$(BIN)/python bench/c100k_cluster.py $(C100K_CLUSTER_ARGS)

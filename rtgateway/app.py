@@ -60,6 +60,7 @@ from .worker import HostMetrics, WorkerInfo, WorkerSocket
 
 if TYPE_CHECKING:
     from .broker import RedisBroker
+    from .cluster import ClusterBroker
 
 __all__ = ["Gateway", "raise_nofile_limit"]
 
@@ -104,11 +105,13 @@ class Gateway:
         # its control channel's name with a broker (moderation.py).
         self.node = secrets.token_urlsafe(6)
         self.metrics = Metrics(version=__version__, websockets_version=websockets_version)
-        self.broker: RedisBroker | None = None
+        self.broker: RedisBroker | ClusterBroker | None = None
         if config.broker_url:
             from .broker import RedisBroker  # only deployments with Redis import redis
+            from .cluster import SCHEME, ClusterBroker
 
-            self.broker = RedisBroker(
+            kind = ClusterBroker if config.broker_url.startswith(SCHEME + "://") else RedisBroker
+            self.broker = kind(
                 config.broker_url,
                 self.metrics,
                 self.log,
@@ -292,7 +295,7 @@ class Gateway:
         except TimeoutError:
             self.log.warning("listener_close_timeout")
 
-    async def _connect_broker(self, broker: RedisBroker, ctx: Context) -> None:
+    async def _connect_broker(self, broker: RedisBroker | ClusterBroker, ctx: Context) -> None:
         broker.flusher = ctx.flusher  # deliveries are paced like publications
         task = asyncio.create_task(broker.run())
 

@@ -71,7 +71,7 @@ import math
 import random
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio.connection import Connection
@@ -89,13 +89,7 @@ if TYPE_CHECKING:
     from .outbox import Flusher
     from .rooms import RoomEvents
 
-__all__ = [
-    "CONTROL_SCRIPT",
-    "PUBLISH_SCRIPT",
-    "RESTORE_SCRIPT",
-    "RedisBroker",
-    "parse_redis_url",
-]
+__all__ = ["CONTROL_SCRIPT", "PUBLISH_SCRIPT", "RESTORE_SCRIPT", "RedisBroker", "parse_redis_url"]
 
 # KEYS[1] the room's seq counter, KEYS[2] its channel; ARGV: the highest seq
 # this process has delivered in the room (its floor), ts, data, key lifetime.
@@ -131,9 +125,7 @@ return seq
 # KEYS[1] a channel; ARGV[1] a request or an answer between processes. Returns
 # how many subscribers received it (a script, so that it queues and pipelines
 # with the publications).
-CONTROL_SCRIPT = """
-return redis.call('PUBLISH', KEYS[1], ARGV[1])
-"""
+CONTROL_SCRIPT = "return redis.call('PUBLISH', KEYS[1], ARGV[1])"
 
 PUBLISH = Script(PUBLISH_SCRIPT)
 RESTORE = Script(RESTORE_SCRIPT)
@@ -169,6 +161,25 @@ def parse_redis_url(url: str) -> tuple[str, int, int]:
 class RedisBroker:
     """Numbers publications in Redis and delivers what Redis sends back."""
 
+    # What a node of a Redis Cluster changes (cluster.py): names, verbs, script.
+    publish_script = PUBLISH
+    control_script = CONTROL
+    subscribe_verbs = ("SUBSCRIBE", "UNSUBSCRIBE")
+    reply_kinds = (b"message", b"subscribe", b"unsubscribe")
+
+    @staticmethod
+    def control_channel_of(node: str) -> str:
+        return CONTROL_CHANNEL + node
+
+    def seq_key(self, room: str) -> str:
+        return SEQ_KEY + room
+
+    def channel(self, room: str) -> str:
+        return CHANNEL + room
+
+    def room_of(self, channel: bytes) -> str:
+        return channel[len(CHANNEL) :].decode("ascii")
+
     def __init__(
         self,
         url: str,
@@ -182,7 +193,7 @@ class RedisBroker:
         self.hub: RoomEvents  # the hub attaches itself (Hub.__init__)
         # Answers requests from other processes (the moderator serves itself).
         self.node = node or "-"
-        self.control_channel = CONTROL_CHANNEL + self.node
+        self.control_channel = self.control_channel_of(self.node)
         # Paces deliveries that fill outboxes (outbox.py); set once the loop runs.
         self.flusher: Flusher | None = None
         self.url = url
@@ -207,12 +218,12 @@ class RedisBroker:
         self.connect_subscriber = functools.partial(connection, socket_timeout=None)
         self.publisher = Publisher(
             functools.partial(connection, socket_timeout=timeout_s),
-            (PUBLISH, RESTORE, CONTROL),
+            (self.publish_script, RESTORE, self.control_script),
             timeout_s,
             self._failed,
         )
         self.requests = Requests(
-            self.node, CONTROL_CHANNEL, self._send, timeout_s, metrics=metrics, log=log
+            self.node, self.control_channel_of, self._send, timeout_s, metrics=metrics, log=log
         )
         self.connected = False
         self.up = asyncio.Event()  # set while connected
@@ -244,7 +255,8 @@ class RedisBroker:
         if not self.connected:
             raise BrokerUnavailable("redis is not connected")
         args = (floor, ts_ms, data, self.room_ttl_s)
-        return self.publisher.call(PUBLISH, (SEQ_KEY + room, CHANNEL + room), args)
+        keys = (self.seq_key(room), self.channel(room))
+        return self.publisher.call(self.publish_script, keys, args)
 
     def room_opened(self, room: str) -> bool:
         self.wanted.add(room)
@@ -268,10 +280,10 @@ class RedisBroker:
         self.requests.answer = answer
 
     async def ask_node(self, node: str, request: dict[str, Any]) -> Answers:
-        return await self._ask(CONTROL_CHANNEL + node, b"", request)
+        return await self._ask(self.control_channel_of(node), b"", request)
 
     async def ask_room(self, room: str, request: dict[str, Any]) -> Answers:
-        return await self._ask(CHANNEL + room, REQUEST_MARK, request)
+        return await self._ask(self.channel(room), REQUEST_MARK, request)
 
     async def _ask(self, channel: str, mark: bytes, request: dict[str, Any]) -> Answers:
         if not self.connected:
@@ -280,7 +292,7 @@ class RedisBroker:
 
     def _send(self, channel: str, payload: bytes, internal: bool) -> asyncio.Future[Any]:
         """PUBLISH through the publisher's queue; the future gets the receivers' count."""
-        return self.publisher.call(CONTROL, (channel,), (payload,), internal=internal)
+        return self.publisher.call(self.control_script, (channel,), (payload,), internal=internal)
 
     # The connection: subscriptions, delivery, reconnection.
 
@@ -349,10 +361,10 @@ class RedisBroker:
 
     async def _subscribe_control(self, conn: Connection) -> None:
         """Subscribe to this process's control channel, before any room: confirmed here."""
-        await conn.send_command("SUBSCRIBE", self.control_channel, check_health=False)
+        await conn.send_command(self.subscribe_verbs[0], self.control_channel, check_health=False)
         async with asyncio.timeout(max(self.timeout_s, CONNECT_TIMEOUT_S)):
             reply = await conn.read_response()
-        if not (isinstance(reply, list) and reply[:1] == [b"subscribe"]):
+        if not (isinstance(reply, list) and reply[:1] == [self.reply_kinds[1]]):
             raise BrokerUnavailable("redis did not confirm the control subscription")
 
     def _set_connected(self, connected: bool) -> None:
@@ -380,19 +392,24 @@ class RedisBroker:
             for room in self.dirty:
                 wanted = room in self.wanted
                 if wanted != self.sent.get(room, False):
-                    (subscribe if wanted else unsubscribe).append(CHANNEL + room)
+                    (subscribe if wanted else unsubscribe).append(room)
                     self.sent[room] = wanted
                     self.inflight[room] = self.inflight.get(room, 0) + 1
             self.dirty.clear()
             if not subscribe and not unsubscribe:
                 continue
-            self.live.difference_update(channel[len(CHANNEL) :] for channel in unsubscribe)
+            self.live.difference_update(unsubscribe)
             commands = [
-                (verb, *channels[i : i + CHANNELS_PER_COMMAND])
-                for verb, channels in (("SUBSCRIBE", subscribe), ("UNSUBSCRIBE", unsubscribe))
-                for i in range(0, len(channels), CHANNELS_PER_COMMAND)
+                command
+                for verb, rooms in zip(self.subscribe_verbs, (subscribe, unsubscribe), strict=True)
+                for command in self.commands(verb, rooms)
             ]
             await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+
+    def commands(self, verb: str, rooms: list[str]) -> Iterator[tuple[str, ...]]:
+        """``verb`` for ``rooms``, in commands of at most CHANNELS_PER_COMMAND channels."""
+        for i in range(0, len(rooms), CHANNELS_PER_COMMAND):
+            yield (verb, *map(self.channel, rooms[i : i + CHANNELS_PER_COMMAND]))
 
     def _confirmed(self, room: str, subscribed: bool) -> None:
         """Redis answered one (un)subscribe for ``room``."""
@@ -419,7 +436,7 @@ class RedisBroker:
 
     async def _read(self, conn: Connection) -> None:
         loop = asyncio.get_running_loop()
-        prefix = len(CHANNEL)
+        message, subscribed, unsubscribed = self.reply_kinds
         control = self.control_channel.encode()
         while True:
             reply = await conn.read_response()
@@ -427,22 +444,22 @@ class RedisBroker:
             if not isinstance(reply, list) or len(reply) < 3:
                 continue  # PONG
             kind, channel = reply[0], reply[1]
-            if kind == b"message":
+            if kind == message:
                 payload = reply[2]
                 if channel == control:
                     self.requests.received(payload)
                 elif payload[:1] == REQUEST_MARK:
                     self.requests.request(payload[1:])
                 else:
-                    self._deliver(channel[prefix:].decode("ascii"), payload)
+                    self._deliver(self.room_of(channel), payload)
                 # Messages already read are handed over without yielding: a
                 # burst of heavy ones is spread over loop iterations.
                 if self.flusher is not None and self.flusher.heavy:
                     await self.flusher.relieve()
-            elif kind == b"subscribe":
-                self._confirmed(channel[prefix:].decode("ascii"), True)
-            elif kind == b"unsubscribe" and channel is not None:
-                self._confirmed(channel[prefix:].decode("ascii"), False)
+            elif kind == subscribed:
+                self._confirmed(self.room_of(channel), True)
+            elif kind == unsubscribed and channel is not None:
+                self._confirmed(self.room_of(channel), False)
 
     async def _keepalive(self, conn: Connection) -> None:
         loop = asyncio.get_running_loop()
@@ -504,7 +521,7 @@ class RedisBroker:
 
     def _restore_call(self, room: str) -> asyncio.Future[Any]:
         args = (self.hub.seq(room), self.room_ttl_s)
-        return self.publisher.call(RESTORE, (SEQ_KEY + room,), args, internal=True)
+        return self.publisher.call(RESTORE, (self.seq_key(room),), args, internal=True)
 
     def _failed(self, exc: BaseException, count: int, sent: bool) -> None:
         """The publisher failed ``count`` calls: one log line, the count in /metrics."""

@@ -82,7 +82,12 @@ def _broker_url(text: str) -> str:
     text = text.strip()
     if not text:
         return ""
-    accepted = "redis://HOST:PORT[/DB] or empty"
+    accepted = "redis://HOST:PORT[/DB], redis+cluster://HOST:PORT[,HOST:PORT...] or empty"
+    if text.startswith("redis+cluster://"):
+        node = r"([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}"
+        if not re.fullmatch(rf"{node}(,{node})*/?", text[len("redis+cluster://") :]):
+            raise ValueError(accepted)
+        return text
     try:
         parts = urllib.parse.urlsplit(text)
         parts.port  # noqa: B018 (raises on a bad port)
@@ -358,7 +363,8 @@ class Config:
     broker_url: str = setting(
         "",
         _broker_url,
-        "Redis that carries publications between workers and hosts: redis://HOST:PORT[/DB]; "
+        "Redis that carries publications between workers and hosts: redis://HOST:PORT[/DB], "
+        "or a Redis Cluster (sharded pub/sub): redis+cluster://HOST:PORT[,HOST:PORT...]; "
         "empty = this process only",
         "URL",
     )

@@ -13,7 +13,7 @@ broker's.
   on different connections), so the wait is registered before the send.
 - **Answering** (:meth:`Requests.request`): a request that arrived is given
   to ``answer`` (the moderator's), and what it returns goes back, as
-  ``{"op": "answer", "id", "body"}``, to ``CONTROL_CHANNEL + reply_to``.
+  ``{"op": "answer", "id", "body"}``, to ``reply_to``'s control channel.
 - :meth:`Requests.received` sorts what arrives on this process's own control
   channel: answers to its requests, and requests for its connections.
 
@@ -51,7 +51,7 @@ class Requests:
     def __init__(
         self,
         node: str,
-        control_prefix: str,
+        control_channel: Callable[[str], str],
         send: Send,
         timeout_s: float,
         *,
@@ -59,7 +59,7 @@ class Requests:
         log: Any,
     ) -> None:
         self.node = node
-        self.control_prefix = control_prefix
+        self.control_channel = control_channel  # a node -> its control channel
         self.send = send
         self.timeout_s = timeout_s
         self.metrics = metrics
@@ -123,7 +123,7 @@ class Requests:
                 # A bug costs this request, not the subscription; it is still answered.
                 self.log.exception("broker_request_failed", op=str(request.get("op")))
         answer = json.dumps({"op": "answer", "id": id, "body": body}).encode()
-        self.send(self.control_prefix + reply_to, answer, True).add_done_callback(_consume)
+        self.send(self.control_channel(reply_to), answer, True).add_done_callback(_consume)
 
     def _bad(self, event: str, payload: bytes) -> None:
         self.metrics.broker_error(1)

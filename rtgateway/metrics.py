@@ -39,6 +39,7 @@ from .protocol import ERROR_CODES
 __all__ = [
     "DISCONNECT_REASONS",
     "HANDSHAKE_REJECTIONS",
+    "MAX_BROKER_NODES",
     "Histogram",
     "Live",
     "Metrics",
@@ -59,6 +60,7 @@ HANDSHAKE_REJECTIONS = (
     "address_limit",
 )
 DROP_POLICIES = ("drop_oldest", "drop_newest")
+MAX_BROKER_NODES = 64  # Redis Cluster masters with their own series
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -156,6 +158,9 @@ class Metrics:
         self.broker_reconnects = 0
         self.broker_errors = 0
         self.broker_stale = 0
+        # Per Redis Cluster master (cluster.py): [connected, errors, reconnects]
+        # by "host:port"; at most MAX_BROKER_NODES, the rest under "other".
+        self.broker_nodes: dict[str, list[int]] = {}
         # The publish API's requests, by route template and status; its routes
         # are known once it starts (None: no API in this process).
         self.api_endpoints: tuple[str, ...] | None = None
@@ -263,6 +268,28 @@ class Metrics:
 
     def broker_stale_dropped(self) -> None:
         self.broker_stale += 1
+
+    def _broker_node(self, node: str) -> list[int]:
+        stats = self.broker_nodes.get(node)
+        if stats is None:
+            if len(self.broker_nodes) >= MAX_BROKER_NODES:
+                node = "other"
+            stats = self.broker_nodes.setdefault(node, [0, 0, 0])
+        return stats
+
+    def broker_node_state(self, node: str, connected: bool) -> None:
+        """A cluster master ``node`` (host:port) is (not) connected."""
+        self._broker_node(node)[0] = int(connected)
+
+    def broker_node_error(self, node: str, count: int) -> None:
+        self._broker_node(node)[1] += count
+
+    def broker_node_reconnected(self, node: str) -> None:
+        self._broker_node(node)[2] += 1
+
+    def broker_node_forget(self, node: str) -> None:
+        """``node`` is no longer a master of the cluster: its series end."""
+        self.broker_nodes.pop(node, None)
 
     def api_started(self, endpoints: Sequence[str]) -> None:
         """The publish API serves these route templates (the ``endpoint`` label)."""
@@ -415,6 +442,8 @@ class Metrics:
                 "members had seen; members see them as a gap.",
                 self.broker_stale,
             )
+        if self.broker_nodes:
+            yield from self._broker_node_families()
         yield labelled(
             "log_events",
             "Log events at warning level or above, by level, every one of them.",
@@ -438,6 +467,23 @@ class Metrics:
         )
         if self.api_endpoints is not None:
             yield from self._api_families()
+
+    def _broker_node_families(self) -> Iterable[Metric]:
+        p = "rtgateway_broker_node_"
+        connected = GaugeMetricFamily(
+            p + "connected", "1 while this Redis Cluster master is connected.", labels=["node"]
+        )
+        errors = CounterMetricFamily(
+            p + "errors", "Broker failures on this Redis Cluster master.", labels=["node"]
+        )
+        reconnects = CounterMetricFamily(
+            p + "reconnects", "Connections to this cluster master made again.", labels=["node"]
+        )
+        for node, (up, failed, again) in sorted(self.broker_nodes.items()):
+            connected.add_metric([node], up)
+            errors.add_metric([node], failed)
+            reconnects.add_metric([node], again)
+        yield from (connected, errors, reconnects)
 
     def _api_families(self) -> Iterable[Metric]:
         requests = CounterMetricFamily(

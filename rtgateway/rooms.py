@@ -298,3 +298,10 @@ class Hub:
         for room in list(self.rooms.values()):
             room.live = False
             self._joins_failed(room)
+
+    def room_down(self, name: str) -> None:
+        """Only ``name`` lost its broker (a cluster node): as :meth:`broker_down`, for one room."""
+        room = self.rooms.get(name)
+        if room is not None:
+            room.live = False
+            self._joins_failed(room)

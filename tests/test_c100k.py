@@ -105,3 +105,35 @@ def test_c100k_tiny_single_gateway_without_broker_reports_every_figure_and_loses
     report, _ = run_c100k(tmp_path, "--no-broker")
     assert_every_figure_and_nothing_lost(report, workers=1)
     assert report["args"]["workers"] == 1
+
+
+@pytest.mark.system
+@pytest.mark.timeout(180)
+def test_c100k_cluster_tiny_reports_one_redis_and_a_cluster_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    """c100k_cluster.py tiny: both brokers' figures, Redis CPU per publication, nothing lost."""
+    require_tool("redis-server")
+    require_tool("redis-cli")
+    report_path = tmp_path / "c100k_cluster.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "c100k_cluster.py"), "--connections",
+         str(CONNECTIONS), "--idle", "1", "--json", str(report_path), "--",
+         "--load-procs", "2", "--room-size", "100", "--hold", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )  # fmt: skip
+    print(done.stdout, done.stderr[-3000:])
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    results = json.loads(report_path.read_text())
+    assert [r["broker"] for r in results] == ["single", "cluster"]
+    assert results[1]["url"].startswith("redis+cluster://")
+    for result in results:
+        assert result["publications_acked"] > 0
+        assert result["redis_masters_cpu_s"] > 0
+        for name, phase in result["phases"].items():
+            assert phase["lost"] == 0 and phase["seq_gaps"] == 0, (result["broker"], name)
+            assert phase["deliveries_per_s"] > 0, (result["broker"], name)
+    assert "cluster / single:" in done.stdout

@@ -57,7 +57,12 @@ class Bus:
 def process(bus: Bus, node: str, answer: Any = None, timeout_s: float = 5.0) -> Requests:
     metrics = Metrics(version="test", websockets_version="test")
     requests = Requests(
-        node, CONTROL, bus.send_of(node), timeout_s, metrics=metrics, log=rtglog.get_logger()
+        node,
+        lambda node: CONTROL + node,
+        bus.send_of(node),
+        timeout_s,
+        metrics=metrics,
+        log=rtglog.get_logger(),
     )
     requests.answer = answer
     bus.subscribe(CONTROL + node, requests)

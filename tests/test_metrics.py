@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from rtgateway.errors import DISCONNECT_REASONS, RATE_LIMITED, SLOW_CONSUMER
-from rtgateway.metrics import HANDSHAKE_REJECTIONS, Histogram, Metrics
+from rtgateway.metrics import HANDSHAKE_REJECTIONS, MAX_BROKER_NODES, Histogram, Metrics
 from rtgateway.protocol import ERROR_CODES
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -150,6 +150,29 @@ def test_the_broker_families_appear_once_there_is_a_broker_and_count_on() -> Non
     assert samples["rtgateway_broker_reconnects_total", ()] == 1
     assert samples["rtgateway_broker_errors_total", ()] == 4
     assert samples["rtgateway_broker_stale_total", ()] == 1
+
+
+def test_cluster_node_families_are_labelled_by_node_bounded_and_forgotten() -> None:
+    """Series per master address; past MAX_BROKER_NODES they share "other"; forgotten ones end."""
+    m = metrics()
+    assert not any(name.startswith("rtgateway_broker_node") for name in families(m))
+    m.broker_node_state("10.0.0.1:7000", connected=True)
+    m.broker_node_error("10.0.0.1:7000", 2)
+    m.broker_node_reconnected("10.0.0.1:7000")
+    m.broker_node_state("10.0.0.2:7001", connected=False)
+    samples = scrape(m)
+    node = (("node", "10.0.0.1:7000"),)
+    assert samples["rtgateway_broker_node_connected", node] == 1
+    assert samples["rtgateway_broker_node_errors_total", node] == 2
+    assert samples["rtgateway_broker_node_reconnects_total", node] == 1
+    assert samples["rtgateway_broker_node_connected", (("node", "10.0.0.2:7001"),)] == 0
+    m.broker_node_forget("10.0.0.2:7001")
+    assert ("rtgateway_broker_node_connected", (("node", "10.0.0.2:7001"),)) not in scrape(m)
+    for n in range(2 * MAX_BROKER_NODES):
+        m.broker_node_error(f"10.1.0.{n}:7000", 1)
+    nodes = {labels for name, labels in scrape(m) if name == "rtgateway_broker_node_errors_total"}
+    assert len(nodes) == MAX_BROKER_NODES + 1  # and "other"
+    assert scrape(m)["rtgateway_broker_node_errors_total", (("node", "other"),)] > 1
 
 
 def test_the_api_families_exist_only_while_the_api_serves() -> None:

@@ -39,6 +39,7 @@ from typing import Any
 
 import pytest
 import yaml
+from redisserver import RedisCluster
 from support import (
     ROOT,
     GatewayProcess,
@@ -623,8 +624,10 @@ async def drive_load(port: int, api_port: int) -> None:
 
 @pytest.mark.system
 @pytest.mark.timeout(180)
-def test_dashboard_and_alert_queries_return_series_from_real_prometheus() -> None:
-    """Real Prometheus on a loaded gateway: every panel and alert query has series."""
+def test_dashboard_and_alert_queries_return_series_from_real_prometheus(
+    redis_cluster: RedisCluster,
+) -> None:
+    """Real Prometheus on a loaded gateway on a Redis Cluster: every panel and alert has series."""
     prometheus_bin = require_tool("prometheus")
     with tempfile.TemporaryDirectory(prefix="rtg-prom-") as tmpdir:
         tmp = Path(tmpdir)
@@ -634,6 +637,8 @@ def test_dashboard_and_alert_queries_return_series_from_real_prometheus() -> Non
             **GATEWAY_ENV,
             "RTG_ADDR": f"127.0.0.1:{port}",
             "RTG_API_ADDR": f"127.0.0.1:{api_port}",
+            # The broker panels and alerts need a broker: a real cluster.
+            "RTG_BROKER_URL": redis_cluster.url,
         }
         instance = f"127.0.0.1:{port}"
         gateways = [GatewayProcess(env).start()]

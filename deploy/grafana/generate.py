@@ -468,6 +468,43 @@ def api() -> list[Panel]:
     ]
 
 
+def broker() -> list[Panel]:
+    return [
+        timeseries(
+            "Broker connected, per Redis Cluster master",
+            "1 while connected. rtgateway_broker_connected is the whole broker (one Redis, or "
+            "every master of a cluster); rtgateway_broker_node_connected is one cluster master, "
+            "labelled by its address. A master that dies drops to 0 until its replica is "
+            "promoted and the gateway forgets it. No data without RTG_BROKER_URL.",
+            targets(
+                (f"min by (instance) (rtgateway_broker_connected{{{SEL}}})", "{{instance}} all"),
+                (
+                    f"min by (instance, node) (rtgateway_broker_node_connected{{{SEL}}})",
+                    "{{instance}} {{node}}",
+                ),
+            ),
+        ),
+        timeseries(
+            "Broker errors and reconnects /s, per cluster master",
+            "Lost connections, failed publishes and bad payloads (errors), connections made "
+            "again (reconnects), by master; publications dropped as numbered below what "
+            "members saw (stale: a counter lost with a master, shown to members as a gap).",
+            targets(
+                (
+                    f"sum by (node) ({rate('rtgateway_broker_node_errors_total')})",
+                    "{{node}} errors",
+                ),
+                (
+                    f"sum by (node) ({rate('rtgateway_broker_node_reconnects_total')})",
+                    "{{node}} reconnects",
+                ),
+                (f"sum({rate('rtgateway_broker_stale_total')})", "stale"),
+            ),
+            unit="ops",
+        ),
+    ]
+
+
 def process() -> list[Panel]:
     return [
         timeseries(
@@ -653,6 +690,7 @@ def dashboard() -> dict[str, Any]:
                 ("Messages and fan-out", messages(), 8, 8),
                 ("Backpressure", backpressure(), 12, 8),
                 ("Publish API", api(), 12, 8),
+                ("Broker (Redis)", broker(), 12, 8),
                 ("Process", process(), 12, 8),
             ]
         ),
