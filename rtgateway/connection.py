@@ -35,8 +35,8 @@ coroutine, an assembler and two deques:
 websockets' internals relied on (websockets 17, pinned in pyproject.toml):
 ``Protocol.writes`` (checked before ``data_to_send()``: no call per read),
 ``parser``, ``Protocol.parse`` and ``StreamReader.at_eof`` (the parser is
-restarted between frames, after the handshake and at each keepalive ping, so
-that it keeps neither the request nor the last frame), ``parser_exc``,
+restarted between frames, after the handshake, at each keepalive ping and
+at its pong, so that it keeps neither the request nor the last frame), ``parser_exc``,
 ``handshake_exc``, ``close_rcvd``.
 
 :class:`Listener` is the WebSocket port: its listening sockets and what every
@@ -270,6 +270,7 @@ class GatewayConnection(Accepted):
     def _pong(self, frame: Frame) -> None:
         if self.awaiting_pong and frame.data == PING_PAYLOAD:
             self.awaiting_pong = False
+            self._restart_parser()  # it would keep this pong until the next frame
             config = self.port.ctx.config
             if self.deadline is not None and config.ping_interval_s != config.ping_timeout_s:
                 # The next ping goes one interval after this one was sent.
