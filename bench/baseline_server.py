@@ -12,7 +12,9 @@ delivered as ``{"op":"message","room":...,"seq":N,"ts":T,"data":...}`` through
 
 Settings match the gateway's: uvloop, ``compression=None``, the same
 ``max_size``, ``max_queue``, ``write_limit``, ping interval and backlog.
-The bound port is printed as ``LISTENING <port>`` on stdout.
+Once it listens it prints one JSON line in the gateway's own form,
+``{"event": "baseline_listening", "addresses": ["HOST:PORT"]}``, so that
+:class:`rtgateway.testing.GatewayProcess` starts it like the gateway.
 """
 
 from __future__ import annotations
@@ -112,7 +114,9 @@ async def main(host: str, port: int, echo_mode: bool) -> None:
         backlog=4096,
     ) as server:
         bound = server.sockets[0].getsockname()[1]
-        print(f"LISTENING {bound}", flush=True)
+        address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
+        listening = {"event": "baseline_listening", "addresses": [address]}
+        print(json.dumps(listening), flush=True)
         await asyncio.Future()
 
 

@@ -34,11 +34,9 @@ import math
 import multiprocessing as mp
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from array import array
@@ -52,11 +50,13 @@ import contextlib
 
 from loadclient import worker_main
 
+from rtgateway import testing
+from rtgateway.testing import GatewayProcess
+
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE: dict[str, Any] = {}  # --py-spy: where to write, and which fan-out to profile
 GATEWAY_SRC: list[str | None] = [None]  # --gateway-src: a directory holding rtgateway/
 VERSUS: list[str] = []  # --versus: a directory whose rtgateway/ stands in for the baseline
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 HOST = "127.0.0.1"
 PER_WORKER_MAX = 9000  # sockets per load process: the 20000-files limit, with room
 GATEWAY_ENV = {
@@ -84,78 +84,55 @@ GATEWAY_ENV = {
 # Servers.
 
 
-def _pin_cpu0() -> None:
-    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1:
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+def server_cpus() -> set[int] | None:
+    """The first CPU, for the server; the load gets the others. None on one CPU."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return {cpus[0]} if len(cpus) > 1 else None
 
 
-class Server:
-    """A server subprocess (gateway or baseline) and its /proc figures."""
+class Server(GatewayProcess):
+    """A server subprocess (gateway or baseline) pinned to the first CPU, and its /proc figures."""
 
     def __init__(
         self, kind: str, mode: str, argv: list[str] | None = None, src: str | None = None
     ) -> None:
         self.kind = kind
         self.mode = mode
+        self.errors: list[str] = []  # every error line, whatever the bound on `lines`
         python = sys.executable
-        cwd = src or ROOT  # `python -m` imports rtgateway from its working directory first
         if kind == "gateway":
             # argv: a wrapper script in place of `-m rtgateway` (bench/heap.py).
-            cmd = [python, *(argv or ["-m", "rtgateway"])]
-            env = {**os.environ, **GATEWAY_ENV}
+            command = [python, *(argv or ["-m", "rtgateway"])]
+            env, ready_event = GATEWAY_ENV, None
             self.path = "/ws/echo" if mode == "echo" else "/ws"
         else:
-            cmd = [python, str(ROOT / "bench" / "baseline_server.py"), "--host", HOST]
-            cmd += ["--echo"] if mode == "echo" else []
-            env = dict(os.environ)
+            command = [python, str(ROOT / "bench" / "baseline_server.py"), "--host", HOST]
+            command += ["--echo"] if mode == "echo" else []
+            env, ready_event = {}, "baseline_listening"
             self.path = "/"
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_pin_cpu0,
+        # cwd: `python -m` imports rtgateway from its working directory first.
+        super().__init__(
+            env,
+            command=command,
+            cwd=src,
+            cpus=server_cpus(),
+            ready_event=ready_event,
+            max_lines=200,
         )
-        self.port = self._read_port()
+        self.start(timeout=30)
+        assert self.proc is not None
         self.pid = self.proc.pid
-        self.tail: list[str] = []
-        threading.Thread(target=self._drain, daemon=True).start()
 
-    def _read_port(self) -> int:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline().decode(errors="replace")
-            if not line:
-                raise RuntimeError(f"{self.kind} exited with {self.proc.wait()}")
-            if line.startswith("LISTENING "):
-                return int(line.split()[1])
-            if '"gateway_listening"' in line:
-                return int(json.loads(line)["addresses"][0].rsplit(":", 1)[1])
-        raise RuntimeError(f"{self.kind} did not start listening")
-
-    def _drain(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            line = raw.decode(errors="replace")
-            if "Traceback" in line or '"level": "error"' in line or '"level":"error"' in line:
-                self.tail.append(line.strip()[:300])
-
-    def cpu_s(self) -> float:
-        user, system = self.cpu_split()
-        return user + system
+    def on_line(self, line: str, event: dict[str, Any]) -> None:
+        if "Traceback" in line or event.get("level") == "error":
+            self.errors.append(line.strip()[:300])
 
     def cpu_split(self) -> tuple[float, float]:
         """(user, system) CPU seconds: utime and stime from /proc/PID/stat."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+        return testing.cpu_times(self.pid)
 
     def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
+        return testing.rss_bytes(self.pid)
 
     def write_syscalls(self) -> int | None:
         try:
@@ -170,18 +147,12 @@ class Server:
         """(writes, frames) from the gateway's rtgateway_outbox_flush_frames."""
         if self.kind != "gateway":
             return None
-        url = f"http://{HOST}:{self.port}/metrics"
-        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        text = urllib.request.urlopen(self.url + "/metrics", timeout=10).read().decode()
         count = re.search(r"^rtgateway_outbox_flush_frames_count (\S+)$", text, re.M)
         total = re.search(r"^rtgateway_outbox_flush_frames_sum (\S+)$", text, re.M)
         if not (count and total):
             return None
         return float(count.group(1)), float(total.group(1))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
 
 
 # Load processes.
@@ -344,9 +315,9 @@ def run_scenario(kind: str, sc: Scenario) -> dict[str, dict[str, Any]]:
         return _measure(server, load, sc)
     finally:
         load.close()
-        server.stop()
-        if server.tail:
-            print(f"    {kind} logged errors: {server.tail[:3]}", file=sys.stderr)
+        server.kill()
+        if server.errors:
+            print(f"    {kind} logged errors: {server.errors[:3]}", file=sys.stderr)
 
 
 def _measure(server: Server, load: Load, sc: Scenario) -> dict[str, dict[str, Any]]:
@@ -380,7 +351,7 @@ def _phase(
     hist0 = server.flush_histogram()
     if sc.mode == "echo":
         results = load.call_all("echo", {"duration_s": phase.duration_s})
-        cpu = server.cpu_s() - cpu0
+        cpu = server.cpu_seconds() - cpu0
         trips = sum(r["round_trips"] for r in results)
         out.update(
             round_trips=trips,

@@ -238,7 +238,7 @@ def connect(args: argparse.Namespace, gateway: Gateway, load: Load) -> dict[str,
 def idle(duration_s: float, gateway: Gateway, load: Load, redis: Redis | None) -> dict[str, Any]:
     """What holding the connections costs with nothing published: pings, timers."""
     print(f"  idle: {duration_s:g} s", file=sys.stderr, flush=True)
-    cpu0, redis0 = gateway.cpu(), cpu_seconds(redis.proc.pid) if redis else 0.0
+    cpu0, redis0 = gateway.cpu_seconds(), cpu_seconds(redis.proc.pid) if redis else 0.0
     load_cpu0 = sum(cpu_seconds(pid) for pid in load.pids)
     busy0, total0 = host_cpu()
     started = time.monotonic()
@@ -248,7 +248,7 @@ def idle(duration_s: float, gateway: Gateway, load: Load, redis: Redis | None) -
     return {
         "seconds": round(seconds, 2),
         "open": load.total("open"),
-        "gateway_cpu_s": round(gateway.cpu() - cpu0, 2),
+        "gateway_cpu_s": round(gateway.cpu_seconds() - cpu0, 2),
         "redis_cpu_s": round((cpu_seconds(redis.proc.pid) if redis else 0.0) - redis0, 2),
         "load_cpu_s": round(sum(cpu_seconds(pid) for pid in load.pids) - load_cpu0, 2),
         "host_cpu_busy": round((busy1 - busy0) / max(1, total1 - total0), 3),
@@ -274,7 +274,7 @@ def publish(
         flush=True,
     )
     load.call_all("reset")
-    cpu0, redis0 = gateway.cpu(), cpu_seconds(redis.proc.pid) if redis else 0.0
+    cpu0, redis0 = gateway.cpu_seconds(), cpu_seconds(redis.proc.pid) if redis else 0.0
     load_cpu0 = sum(cpu_seconds(pid) for pid in load.pids)
     busy0, total0 = host_cpu()
     started_ns = time.monotonic_ns()
@@ -289,7 +289,7 @@ def publish(
         if now_received != received:
             received, last_change = now_received, time.monotonic()
         time.sleep(0.2)
-    cpu1, redis1 = gateway.cpu(), cpu_seconds(redis.proc.pid) if redis else 0.0
+    cpu1, redis1 = gateway.cpu_seconds(), cpu_seconds(redis.proc.pid) if redis else 0.0
     load_cpu1 = sum(cpu_seconds(pid) for pid in load.pids)
     busy1, total1 = host_cpu()
     latency, received_at = array("q"), array("q")
@@ -377,7 +377,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         flush=True,
     )
     port = free_port()
-    gateway = Gateway(port, gateway_env(args, port, url))
+    gateway = Gateway(gateway_env(args, port, url)).start(timeout=60)
     load = Load(args.load_procs, STATUS_INTERVAL_S)
     sampler = Sampler(t0, gateway, load, redis, args.sample_interval, args.scrape_interval)
     sampler.start()

@@ -1,7 +1,8 @@
 """What bench/c100k.py runs and watches: Redis, the gateway, the load processes.
 
 :class:`Gateway` starts ``python -m rtgateway`` with the environment it is
-given and reads its JSON log (readiness, worker pids, warnings by event);
+given (through :class:`rtgateway.testing.GatewayProcess`: readiness, worker
+pids) and counts the warnings it logs by event;
 :class:`Load` drives bench/loadclient.py processes over pipes, a thread per
 pipe keeping each one's latest status report; :class:`Sampler` records a row
 of /proc figures (RSS and CPU of every process, host memory, slab and TCP
@@ -15,22 +16,22 @@ This module decides nothing about the benchmark: no sizes, rates or settings.
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing as mp
 import os
 import queue
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
-from collections import Counter, deque
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from loadclient import worker_main
+
+from rtgateway.testing import GatewayProcess, cpu_seconds, free_port, rss_bytes
 
 __all__ = [
     "Gateway",
@@ -48,39 +49,11 @@ __all__ = [
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 REDIS_ARGS = ("--save", "", "--appendonly", "no", "--maxclients", "1000")
 
 
 # /proc and /metrics.
-
-
-def free_port() -> int:
-    """A free port below the ephemeral range (32768-60999), where load sockets live."""
-    for port in range(21000, 32000, 7):
-        with socket.socket() as s:
-            try:
-                s.bind((HOST, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def rss_bytes(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
-    except OSError:
-        return 0
 
 
 def host_memory() -> dict[str, int]:
@@ -169,52 +142,21 @@ class Redis:
         self.proc.wait(10)
 
 
-class Gateway:
-    """The supervisor and its workers (or one gateway), and what they log."""
+class Gateway(GatewayProcess):
+    """The supervisor and its workers (or one gateway), and the warnings they log."""
 
-    def __init__(self, port: int, env: dict[str, str]) -> None:
-        self.port = port
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rtgateway"],
-            env={**os.environ, **env},
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.single = env.get("RTG_WORKERS", "1") == "1"  # no supervisor: the gateway itself
-        self.ready = threading.Event()
-        self.pids: list[int] = []
-        self.tail: deque[str] = deque(maxlen=40)
+    def __init__(self, env: dict[str, str]) -> None:
         self.warnings: Counter[str] = Counter()  # warning and error events, by name
         self.warning_lines: list[str] = []  # the first few of them, whole
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self.ready.wait(60):
-            self.proc.kill()
-            raise RuntimeError("gateway did not start:\n" + "\n".join(self.tail))
+        single = env.get("RTG_WORKERS", "1") == "1"  # no supervisor: the gateway itself
+        ready_event = "gateway_listening" if single else "supervisor_ready"  # with worker pids
+        super().__init__(env, ready_event=ready_event, max_lines=40)
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.tail.append(line.rstrip())
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            event = entry.get("event", "")
-            if entry.get("level") in ("warning", "error"):
-                self.warnings[event] += 1
-                if len(self.warning_lines) < 20:
-                    self.warning_lines.append(line.rstrip())
-            if event == "supervisor_ready":
-                self.pids = entry["pids"]
-                self.ready.set()
-            elif self.single and event == "gateway_listening":
-                self.pids = [self.proc.pid]
-                self.ready.set()
-
-    def cpu(self) -> float:
-        return sum(cpu_seconds(pid) for pid in self.pids)
+    def on_line(self, line: str, event: dict[str, Any]) -> None:
+        if event.get("level") in ("warning", "error"):
+            self.warnings[event.get("event", "")] += 1
+            if len(self.warning_lines) < 20:
+                self.warning_lines.append(line)
 
     def rss(self) -> list[int]:
         return [rss_bytes(pid) for pid in self.pids]
@@ -325,7 +267,7 @@ class Sampler(threading.Thread):
             row: dict[str, Any] = {
                 "t": round(now - self.t0, 2),
                 "gateway_rss": self.gateway.rss(),
-                "gateway_cpu_s": round(self.gateway.cpu(), 2),
+                "gateway_cpu_s": round(self.gateway.cpu_seconds(), 2),
                 "redis_cpu_s": round(cpu_seconds(self.redis.proc.pid), 2) if self.redis else 0,
                 "load_rss": sum(rss_bytes(pid) for pid in self.load.pids),
                 "host_used": mem["used"],

@@ -104,7 +104,7 @@ def main() -> int:
         after = take(server.pid, snap_dir, 1)
     finally:
         load.close()
-        server.stop()
+        server.kill()
     connected = conn["connected"]
     diffs = after.compare_to(before, "traceback")
     by_package: dict[str, int] = defaultdict(int)

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from rtgateway.client import Client, ServerError
-from rtgateway.testing import GatewayProcess
+from rtgateway.testing import GatewayProcess, rss_bytes
 
 TASKS_METRIC = "rtgateway_tasks_current"
 
@@ -78,11 +78,9 @@ class Gateway(GatewayProcess):
     def resources(self) -> dict[str, float | None]:
         assert self.proc is not None
         pid = self.proc.pid
-        with open(f"/proc/{pid}/status") as f:
-            rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
         fds = len(os.listdir(f"/proc/{pid}/fd"))
         tasks = self.metrics().get(TASKS_METRIC)
-        return {"rss_bytes": rss, "open_fds": fds, "tasks": tasks}
+        return {"rss_bytes": rss_bytes(pid), "open_fds": fds, "tasks": tasks}
 
 
 # Raw sockets for the clients that misbehave (the protocol client cannot).

@@ -18,7 +18,8 @@ seconds next to the figures (a figure per CPU-second survives a shared, noisy ma
 The smoke knobs keep latency thresholds loose (a shared 2-core CI box is no place for timing
 claims) but keep every behavioural one: messages arrive, nothing is lost, clients come back.
 
-Standard library only: tests/test_k6.py imports this file by path and calls :func:`run_case`.
+Standard library and :mod:`rtgateway.testing` (the launcher) only: tests/test_k6.py imports this
+file by path and calls :func:`run_case`.
 """
 
 from __future__ import annotations
@@ -27,19 +28,18 @@ import argparse
 import dataclasses
 import json
 import os
-import random
 import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from rtgateway.testing import GatewayProcess, free_port
 
 __all__ = ["CASES", "Case", "Gateway", "Result", "find_k6", "run_case"]
 
@@ -152,101 +152,21 @@ def find_k6(explicit: str | None = None) -> str | None:
     return shutil.which("k6")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A free port in 20000-32767: below the ephemeral range, so a restart can take it again."""
-    for _ in range(200):
-        port = random.randint(20000, 32767)
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port found")
-
-
-class Gateway:
-    """``python -m rtgateway`` on 127.0.0.1, its JSON log lines kept."""
+class Gateway(GatewayProcess):
+    """``python -m rtgateway`` on 127.0.0.1 (port 0 unless given), its JSON log lines kept."""
 
     def __init__(self, port: int = 0, env: dict[str, str] | None = None) -> None:
-        self.env = {
-            **os.environ,
-            "RTG_ADDR": f"127.0.0.1:{port}",
-            "RTG_LOG_FORMAT": "json",
-            "RTG_DEMO": "false",
-            "RTG_API_ADDR": "",  # the publish API's fixed default port could clash; not needed
-            **(env or {}),
-        }
-        self.port: int | None = None
-        self.lines: list[str] = []
-        self.proc: subprocess.Popen[str] | None = None
-        self._listening = threading.Event()
-
-    def start(self, timeout_s: float = 20.0) -> Gateway:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rtgateway"],
-            env=self.env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._listening.wait(timeout_s):
-            self.kill()
-            raise RuntimeError("gateway did not start:\n" + "\n".join(self.lines[-30:]))
-        return self
-
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-            if self.port is None:
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(event, dict) and event.get("event") == "gateway_listening":
-                    self.port = int(event["addresses"][0].rsplit(":", 1)[1])
-                    self._listening.set()
+        super().__init__({"RTG_ADDR": f"127.0.0.1:{port}", "RTG_DEMO": "false", **(env or {})})
 
     def metric(self, name: str) -> float | None:
         """One unlabelled sample from /metrics, or None."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
+            with urllib.request.urlopen(self.url + "/metrics", timeout=2) as r:
                 text = r.read().decode()
         except OSError:
             return None
         match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
         return float(match.group(1)) if match else None
-
-    def cpu_seconds(self) -> float | None:
-        """User + system CPU time of the gateway process so far (Linux /proc), or None."""
-        if self.proc is None:
-            return None
-        try:
-            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        except OSError:
-            return None
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self, timeout_s: float = 10.0) -> int | None:
-        """SIGTERM (the gateway drains and exits 0), then SIGKILL after ``timeout_s``."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 @dataclasses.dataclass
@@ -328,8 +248,8 @@ def run_case(
             log.seek(0)
             output = log.read()
     finally:
-        cpu = sum(gw.cpu_seconds() or 0.0 for gw in gateways)
-        codes = [gw.stop() for gw in gateways]
+        cpu = sum(gw.cpu_seconds() for gw in gateways)
+        codes = [gw.stop(10) for gw in gateways]
     # Every child has been waited for now: what they used, less the gateways', is k6's.
     k6_cpu = max(0.0, _children_cpu() - children_before - cpu)
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
@@ -351,9 +271,8 @@ def _restart(old: Gateway, clients: int, case: Case, after_s: float) -> Gateway:
     if not _wait_for(lambda: (old.metric("rtgateway_connections_current") or 0) >= clients, 60):
         raise RuntimeError(f"{case.name}: the k6 clients did not all connect")
     time.sleep(after_s)  # let messages flow before the restart
-    assert old.proc is not None
-    old.proc.send_signal(signal.SIGTERM)
-    old.proc.wait(30)
+    old.signal(signal.SIGTERM)
+    old.wait(30)
     return Gateway(old.port or 0, case.gateway_env).start()
 
 

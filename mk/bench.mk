@@ -22,5 +22,5 @@ bench-profile: venv
 		--json results/bench-profile.json --no-plot $(BENCH_ARGS)
 
 ## tracemalloc breakdown of the memory of idle connections: results/heap.txt
-bench-heap: venv
+bench-heap: runtime
 	$(BIN)/python bench/heap.py --connections 5000 --out results/heap.txt

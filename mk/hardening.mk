@@ -20,7 +20,7 @@ conformance-full: venv
 	$(BIN)/python scripts/conformance.py --full --out $(CONFORMANCE_OUT)-full
 
 ## Churn load for DURATION seconds (default 300); RSS, fds, tasks and delivery at the end.
-soak: venv
+soak: runtime
 	$(BIN)/python bench/soak.py --duration $(DURATION) --json reports/soak.json $(SOAK_ARGS)
 
 ## Only this area's tests.

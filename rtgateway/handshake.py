@@ -261,8 +261,8 @@ class Accepted(asyncio.Protocol):
         """Whether the request head so far has a LF without its CR.
 
         websockets closes such a request without an answer; it gets a 400
-        here, as on the API port (see ``http11._read_lines`` for why it is
-        refused rather than read as nginx does).
+        here, as on the API port (see ``http11._Connection._read_head`` for
+        why it is refused rather than read as nginx does).
         """
         assert self.head_tail is not None
         seen = self.head_tail

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import uvloop
+from wire import RawConnection
 
 from rtgateway.app import Gateway
 from rtgateway.config import Config
@@ -70,3 +71,14 @@ async def running_gateway(
 async def gateway() -> AsyncIterator[RunningGateway]:
     async with running_gateway() as gw:
         yield gw
+
+
+@pytest.fixture(autouse=True)
+async def reset_raw_connections() -> AsyncIterator[None]:
+    """Raw clients (wire.py) a test left open are reset at its end, before its loop closes.
+
+    Warnings are errors in this suite: a transport still open when the loop
+    closes is a ResourceWarning.
+    """
+    yield
+    RawConnection.reset_all()

@@ -106,6 +106,7 @@ def gateway(**env: str) -> GatewayProcess:
 
 @pytest.mark.parametrize("source", ["127.0.0.2", "127.0.0.1"])
 async def test_silent_sockets_leave_health_metrics_and_new_clients_answered(source: str) -> None:
+    """260 silent sockets: /healthz, /metrics and a new client are still answered."""
     with gateway() as gw:
         assert gw.port is not None
         async with flood(SILENT, source, gw.port):
@@ -119,6 +120,7 @@ async def test_silent_sockets_leave_health_metrics_and_new_clients_answered(sour
 
 
 async def test_past_the_pending_budget_a_new_socket_evicts_the_oldest_silent_one() -> None:
+    """Past the process's pending budget each new socket evicts the oldest silent one."""
     # No per-address budget: 260 silent sockets fill the process's (100).
     env = {"RTG_MAX_PENDING_HANDSHAKES": "100", "RTG_MAX_PENDING_HANDSHAKES_PER_ADDRESS": "0"}
     with gateway(**env) as gw:
@@ -134,6 +136,7 @@ async def test_past_the_pending_budget_a_new_socket_evicts_the_oldest_silent_one
 
 
 async def test_a_gateway_full_of_websockets_and_flooded_still_answers_health_and_metrics() -> None:
+    """At the connection limit and flooded: health and metrics answered, a new client gets 503."""
     with gateway() as gw:
         assert gw.port is not None
         clients = [await RawConnection.open(gw.port, "/ws") for _ in range(50)]
@@ -151,6 +154,7 @@ async def test_a_gateway_full_of_websockets_and_flooded_still_answers_health_and
 
 
 async def test_a_socket_that_sends_nothing_is_closed_at_the_first_byte_deadline() -> None:
+    """Silent past RTG_FIRST_BYTE_TIMEOUT_S: closed and counted; a trickling head is kept."""
     with gateway(RTG_FIRST_BYTE_TIMEOUT_S="0.3", RTG_OPEN_TIMEOUT_S="30") as gw:
         assert gw.port is not None
         async with flood(1, "127.0.0.1", gw.port) as [silent]:
@@ -166,6 +170,7 @@ async def test_a_socket_that_sends_nothing_is_closed_at_the_first_byte_deadline(
 
 
 async def test_connections_past_the_per_address_limit_get_503_and_other_addresses_get_in() -> None:
+    """One address past its limit gets 503 with Retry-After; others get in; it may return later."""
     with gateway(RTG_MAX_CONNECTIONS_PER_ADDRESS="3") as gw:
         assert gw.port is not None
         loop = asyncio.get_running_loop()
@@ -206,6 +211,7 @@ async def test_connections_past_the_per_address_limit_get_503_and_other_addresse
 
 
 def test_address_key_groups_ipv6_by_its_64_and_unmaps_ipv4() -> None:
+    """Limits count IPv4 as is, IPv4-mapped IPv6 as IPv4, and IPv6 by its /64."""
     assert address_key("192.0.2.7") == "192.0.2.7"
     assert address_key("::ffff:192.0.2.7") == "192.0.2.7"
     assert (
@@ -224,6 +230,7 @@ class Sock:
 
 
 def test_eviction_takes_the_oldest_silent_socket_of_the_address_first() -> None:
+    """The oldest socket of the address that has not spoken goes first; done() is idempotent."""
     books: Admission[Sock] = Admission(
         max_pending=10, max_pending_per_address=3, max_connections_per_address=0
     )

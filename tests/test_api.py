@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -96,15 +97,20 @@ class Http:
         return Reply(int(status_line.split()[1]), headers, body)
 
     async def closed_by_server(self) -> bool:
-        """Whether the server closes the connection (EOF) within the timeout."""
-        async with asyncio.timeout(TIMEOUT):
-            try:
-                return await self.reader.read() == b""
-            except ConnectionResetError:
-                return True
+        """Whether the server closes the connection (EOF) within the timeout; ours closes too."""
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                try:
+                    return await self.reader.read() == b""
+                except ConnectionResetError:
+                    return True
+        finally:
+            await self.close()
 
     async def close(self) -> None:
         self.writer.close()
+        with contextlib.suppress(OSError):  # a reset from the server is a close too
+            await self.writer.wait_closed()
 
 
 def api_port(gw: Any) -> int:
@@ -138,6 +144,7 @@ def publish_body(room: str, data: Any) -> bytes:
 
 
 async def test_api_publishes_reach_member_in_order_with_client_publishes() -> None:
+    """API and client publications share one sequence and reach members in order."""
     async with running_gateway() as gw:
         port = api_port(gw)
         async with (
@@ -171,12 +178,14 @@ async def test_api_publishes_reach_member_in_order_with_client_publishes() -> No
 
 
 async def test_publish_to_a_room_without_members_returns_seq_zero() -> None:
+    """A publication nobody can see is accepted and numbered 0."""
     async with running_gateway() as gw:
         reply = await call(api_port(gw), "POST", "/api/publish", {"room": "empty", "data": 1})
         assert (reply.status, reply.json()) == (200, {"seq": 0})
 
 
 async def test_batch_keeps_order_per_room_and_answers_one_result_each() -> None:
+    """A batch answers one result per item and keeps each room's order."""
     async with (
         running_gateway() as gw,
         Client.connect(gw.ws_url) as a,
@@ -194,6 +203,7 @@ async def test_batch_keeps_order_per_room_and_answers_one_result_each() -> None:
 
 
 async def test_batch_with_one_invalid_publication_publishes_nothing() -> None:
+    """One invalid item refuses the whole batch with its index; nothing is published."""
     async with running_gateway() as gw, Client.connect(gw.ws_url) as member:
         await member.join("lobby")
         batch = [{"room": "lobby", "data": 1}, {"room": "bad room", "data": 2}]
@@ -208,6 +218,7 @@ async def test_batch_with_one_invalid_publication_publishes_nothing() -> None:
 
 
 async def test_batch_over_the_item_limit_is_refused() -> None:
+    """A batch with more than MAX_BATCH_ITEMS items gets 400 bad_message."""
     async with running_gateway() as gw:
         batch = [{"room": "r", "data": i} for i in range(MAX_BATCH_ITEMS + 1)]
         reply = await call(api_port(gw), "POST", "/api/publish/batch", batch)
@@ -240,6 +251,7 @@ class FailingBroker:
 
 
 async def test_broker_unavailable_answers_503_unavailable() -> None:
+    """Broker unavailable: 503 with Retry-After; in a batch, the item's error."""
     async with running_gateway() as gw:
         gw.gateway.hub.broker = FailingBroker(BrokerUnavailable)
         port = api_port(gw)
@@ -252,6 +264,7 @@ async def test_broker_unavailable_answers_503_unavailable() -> None:
 
 
 async def test_broker_outcome_unknown_answers_504_outcome_unknown() -> None:
+    """Outcome unknown: 504 without Retry-After; in a batch, each item's error."""
     async with running_gateway() as gw:
         gw.gateway.hub.broker = FailingBroker(BrokerOutcomeUnknown)
         port = api_port(gw)
@@ -268,6 +281,7 @@ async def test_broker_outcome_unknown_answers_504_outcome_unknown() -> None:
 
 
 async def test_rooms_are_listed_by_name_a_page_at_a_time() -> None:
+    """/api/rooms lists rooms in name order with member counts, a page and a cursor at a time."""
     async with running_gateway() as gw:
         port = api_port(gw)
         async with Client.connect(gw.ws_url) as one, Client.connect(gw.ws_url) as two:
@@ -299,12 +313,14 @@ async def test_rooms_are_listed_by_name_a_page_at_a_time() -> None:
     ["limit=0", "limit=1001", "limit=x", "limit=", "limit=1&limit=2", "cursor=a%20b", "cursor="],
 )
 async def test_rooms_rejects_bad_query_parameters(query: str) -> None:
+    """A bad limit or cursor in /api/rooms gets 400 bad_request."""
     async with running_gateway() as gw:
         reply = await call(api_port(gw), "GET", f"/api/rooms?{query}")
         assert (reply.status, reply.code) == (400, "bad_request")
 
 
 async def test_room_reports_its_members_and_zero_for_an_empty_room() -> None:
+    """/api/rooms/{room} counts members, 0 for an empty room, 400 for a bad name."""
     async with running_gateway() as gw:
         port = api_port(gw)
         async with Client.connect(gw.ws_url) as one, Client.connect(gw.ws_url) as two:
@@ -320,6 +336,7 @@ async def test_room_reports_its_members_and_zero_for_an_empty_room() -> None:
 
 
 async def test_info_reports_version_connections_rooms_and_draining() -> None:
+    """/api/info reports the server, its version, connections, rooms and draining."""
     async with running_gateway() as gw, Client.connect(gw.ws_url) as member:
         await member.join("lobby")
         info = (await call(api_port(gw), "GET", "/api/info")).json()
@@ -333,6 +350,7 @@ async def test_info_reports_version_connections_rooms_and_draining() -> None:
 
 
 async def test_head_answers_headers_without_a_body() -> None:
+    """HEAD gets the headers and no body, and the connection stays in step."""
     async with running_gateway() as gw:
         conn = await Http.open(api_port(gw))
         reply = await conn.request("HEAD", "/api/info")
@@ -345,6 +363,7 @@ async def test_head_answers_headers_without_a_body() -> None:
 
 
 async def test_openapi_document_is_served_and_the_packaged_copy_matches_docs() -> None:
+    """/api/openapi.yaml serves docs/api.yaml, whose packaged copy is identical."""
     docs = (ROOT / "docs" / "api.yaml").read_bytes()
     assert (ROOT / "rtgateway" / "static" / "api.yaml").read_bytes() == docs
     async with running_gateway() as gw:
@@ -358,6 +377,7 @@ async def test_openapi_document_is_served_and_the_packaged_copy_matches_docs() -
 
 
 async def test_token_is_required_on_every_route_when_set() -> None:
+    """With a token set, every route answers 401 without it and serves with it."""
     async with running_gateway(api_token="s3cret-token") as gw:
         port = api_port(gw)
         good = {"Authorization": "Bearer s3cret-token"}
@@ -387,12 +407,14 @@ async def test_token_is_required_on_every_route_when_set() -> None:
 
 
 async def test_no_token_is_needed_when_none_is_set() -> None:
+    """Without a token set, requests are served whatever Authorization they carry."""
     async with running_gateway(api_token="") as gw:
         reply = await call(api_port(gw), "GET", "/api/info", None, {"Authorization": "Bearer x"})
         assert reply.status == 200
 
 
 def test_token_is_not_logged_and_env_settings_reach_the_api() -> None:
+    """RTG_API_* reach the API of a subprocess and the token never appears in its log."""
     token = "tok-" + base64.urlsafe_b64encode(os.urandom(12)).decode()
     env = {"RTG_API_ADDR": "127.0.0.1:0", "RTG_API_TOKEN": token}
     with GatewayProcess(env) as proc:
@@ -407,6 +429,7 @@ def test_token_is_not_logged_and_env_settings_reach_the_api() -> None:
 
 
 def test_config_masks_the_token_in_log_fields() -> None:
+    """The configuration as logged masks a set token and leaves an empty one empty."""
     assert TEST_CONFIG.replace(api_token="hunter2").as_log_fields()["api_token"] != "hunter2"
     assert TEST_CONFIG.replace(api_token="").as_log_fields()["api_token"] == ""
 
@@ -443,12 +466,14 @@ BIG = 65536  # RTG_MAX_MESSAGE_BYTES in TEST_CONFIG
 async def test_publish_refuses_what_the_room_protocol_refuses(
     body: bytes, status: int, code: str
 ) -> None:
+    """The API refuses the data and rooms the room protocol refuses, with the same codes."""
     async with running_gateway() as gw:
         reply = await call(api_port(gw), "POST", "/api/publish", raw=body, headers=JSON)
         assert (reply.status, reply.code) == (status, code)
 
 
 async def test_the_largest_message_members_can_take_is_accepted_and_one_more_byte_is_not() -> None:
+    """The largest publication members can take is published; one byte more gets 413."""
     # The JSON string "x" * n is n + 2 bytes; the message to members adds the room and an envelope.
     largest = BIG - MESSAGE_ENVELOPE_BYTES - len("r") - 2
     async with running_gateway() as gw:
@@ -567,6 +592,7 @@ POST_JSON = b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Type: application
 async def test_malformed_or_misrouted_requests_get_a_json_error(
     request_bytes: bytes, status: int, code: str
 ) -> None:
+    """Malformed or misrouted requests get their status with a JSON error body."""
     async with running_gateway() as gw:
         conn = await Http.open(api_port(gw))
         conn.send(request_bytes)
@@ -578,6 +604,7 @@ async def test_malformed_or_misrouted_requests_get_a_json_error(
 
 
 async def test_body_over_the_limit_is_refused_from_content_length_before_it_is_sent() -> None:
+    """A Content-Length past the limit gets 413 and a close before any body is sent."""
     async with running_gateway() as gw:
         conn = await Http.open(api_port(gw))
         # Only the head: the answer must not wait for a body that never comes.
@@ -592,6 +619,7 @@ async def test_body_over_the_limit_is_refused_from_content_length_before_it_is_s
 
 
 async def test_chunked_body_is_accepted() -> None:
+    """A chunked body with extensions and trailers is read, and keep-alive continues."""
     async with running_gateway() as gw:
         body = publish_body("r", {"chunked": True})
         chunks = [body[:7], body[7:20], body[20:]]
@@ -612,6 +640,7 @@ async def test_chunked_body_is_accepted() -> None:
 
 
 async def test_chunked_body_is_cut_at_the_limit_while_it_streams() -> None:
+    """A chunked body past the limit gets 413 and a close while it is still streaming."""
     async with running_gateway() as gw:
         conn = await Http.open(api_port(gw))
         conn.send(
@@ -628,6 +657,7 @@ async def test_chunked_body_is_cut_at_the_limit_while_it_streams() -> None:
 
 
 async def test_expect_100_continue_gets_an_interim_response() -> None:
+    """Expect: 100-continue gets the interim 100 before the body is sent."""
     async with running_gateway() as gw:
         body = publish_body("r", 1)
         conn = await Http.open(api_port(gw))
@@ -644,6 +674,7 @@ async def test_expect_100_continue_gets_an_interim_response() -> None:
 
 
 async def test_pipelined_requests_are_answered_in_order_on_one_connection() -> None:
+    """Pipelined requests on one connection are answered in order, kept alive."""
     async with running_gateway() as gw, Client.connect(gw.ws_url) as member:
         await member.join("p")
         conn = await Http.open(api_port(gw))
@@ -658,6 +689,7 @@ async def test_pipelined_requests_are_answered_in_order_on_one_connection() -> N
 
 
 async def test_connection_close_and_http10_end_the_connection() -> None:
+    """Connection: close and HTTP/1.0 get their answer, then the server closes."""
     async with running_gateway() as gw:
         port = api_port(gw)
         conn = await Http.open(port)
@@ -681,6 +713,7 @@ async def own_api(gw: Any, **limits: Any) -> tuple[ApiServer, int]:
 
 
 async def test_a_slow_request_head_gets_408_and_is_closed() -> None:
+    """A request head not finished within the header timeout gets 408 and a close."""
     async with running_gateway(api_addr="") as gw:
         api, port = await own_api(gw, header_timeout_s=0.3)
         try:
@@ -694,6 +727,7 @@ async def test_a_slow_request_head_gets_408_and_is_closed() -> None:
 
 
 async def test_a_slow_body_gets_408_and_is_closed() -> None:
+    """A body not finished within the body timeout gets 408 and a close."""
     async with running_gateway(api_addr="") as gw:
         api, port = await own_api(gw, body_timeout_s=0.3)
         try:
@@ -710,6 +744,7 @@ async def test_a_slow_body_gets_408_and_is_closed() -> None:
 
 
 async def test_idle_connections_are_closed_quietly() -> None:
+    """A connection idle past its timeout, before or after a request, is closed quietly."""
     async with running_gateway(api_addr="") as gw:
         api, port = await own_api(gw, header_timeout_s=0.3, idle_timeout_s=0.3)
         try:
@@ -723,6 +758,7 @@ async def test_idle_connections_are_closed_quietly() -> None:
 
 
 async def test_connections_past_the_limit_get_503() -> None:
+    """Past the API's connection limit: 503 and a close; a freed slot serves again."""
     async with running_gateway(api_addr="") as gw:
         api, port = await own_api(gw, max_connections=2)
         try:
@@ -736,7 +772,6 @@ async def test_connections_past_the_limit_get_503() -> None:
             assert int(reply.headers["retry-after"]) >= 1
             assert await extra.closed_by_server()
             await held[0].close()
-            await extra.close()
 
             async def admitted() -> bool:
                 again = await Http.open(port)
@@ -745,11 +780,13 @@ async def test_connections_past_the_limit_get_503() -> None:
                 return reply.status == 200
 
             await eventually(admitted)  # a freed slot is usable again
+            await held[1].close()
         finally:
             await api.stop()
 
 
 async def test_stopping_closes_idle_keep_alive_connections() -> None:
+    """Stopping the API closes idle keep-alive connections at once and stops listening."""
     async with running_gateway(api_addr="") as gw:
         api, port = await own_api(gw)
         conn = await Http.open(port)
@@ -796,6 +833,7 @@ async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
 
 
 async def test_while_draining_publishing_answers_503_and_info_says_so() -> None:
+    """While the gateway drains, publishing answers 503 draining and /api/info says so."""
     gateway = Gateway(TEST_CONFIG.replace(close_timeout_s=2.0))
     stop = asyncio.Event()
     serving = asyncio.create_task(gateway.serve(stop.wait))
@@ -836,6 +874,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 async def test_metrics_count_requests_by_route_template_and_status() -> None:
+    """API requests are counted by route template and status, never by room name."""
     async with running_gateway() as gw:
         port = api_port(gw)
         for room in ("a", "b", "c"):

@@ -40,6 +40,7 @@ def schemathesis_command() -> str | None:
 
 
 async def test_api_answers_as_its_openapi_document_says_under_fuzzing(tmp_path: Path) -> None:
+    """Schemathesis, driven by docs/api.yaml, finds no answer the document does not allow."""
     command = schemathesis_command()
     require(command, "needs schemathesis: pip install --require-hashes -r requirements/api.txt")
     assert command is not None

@@ -117,11 +117,17 @@ def fast_gateway() -> GatewayProcess:
 async def test_slow_consumer_in_busy_room_does_not_slow_fast_members(
     fast_gateway: GatewayProcess, policy: str
 ) -> None:
+    """200 fast members get all 10,000 publications in order; the slow one gets its policy."""
     gw = fast_gateway
     assert gw.port is not None
     fast = [await joined_raw(gw.port, "busy") for _ in range(N_FAST)]
     slow = await joined_raw(gw.port, "busy", policy=policy, rcvbuf=4096)
-    await asyncio.sleep(0.5)
+    await asyncio.to_thread(
+        wait_until,
+        lambda: metric(gw, "rtgateway_room_members_current") == N_FAST + 1,
+        10,
+        what="every member joined",
+    )
     rss_before = rss_bytes(gw)
 
     progress = [[0] for _ in fast]
@@ -179,6 +185,7 @@ async def test_slow_consumer_in_busy_room_does_not_slow_fast_members(
 
 
 async def test_ping_flood_from_a_client_that_never_reads_is_cut_off() -> None:
+    """Pings from a client that never reads its pongs: reset at the buffer limit, RSS bounded."""
     with GatewayProcess() as gw:
         assert gw.port is not None
         flooder = await RawConnection.open(gw.port, "/ws/echo", rcvbuf=4096)
@@ -202,6 +209,7 @@ async def test_ping_flood_from_a_client_that_never_reads_is_cut_off() -> None:
 
 
 async def test_publish_flood_gets_rate_limited_errors_then_close_1008() -> None:
+    """A publish flood: the burst passes, 20 rate_limited errors, then close 1008."""
     env = {
         "RTG_RATE_LIMIT_MSGS_PER_S": "5",
         "RTG_RATE_LIMIT_BURST": "10",
@@ -229,6 +237,7 @@ async def test_publish_flood_gets_rate_limited_errors_then_close_1008() -> None:
 
 
 async def test_drop_newest_policy_keeps_the_oldest_and_counts_the_rest() -> None:
+    """drop_newest keeps the oldest publications, in order, and counts every one it drops."""
     env = {
         "RTG_OUTBOX_MAX_MESSAGES": "16",
         "RTG_PUBLISH_REQUIRES_JOIN": "false",
@@ -259,6 +268,7 @@ async def test_drop_newest_policy_keeps_the_oldest_and_counts_the_rest() -> None
 
 
 async def test_client_may_choose_only_allowed_policies() -> None:
+    """A client may join with an allowed policy only; another gets policy_not_allowed."""
     with GatewayProcess({"RTG_SLOW_CONSUMER_POLICIES": "disconnect,drop_oldest"}) as gw:
         async with Client.connect(gw.ws_url + "/ws") as c:
             ack = await c.join("a", policy="drop_oldest")
@@ -309,6 +319,7 @@ async def post(port: int, path: str, body: bytes) -> tuple[int, bytes]:
 
 
 async def test_api_batch_of_100_x_10k_reaches_every_member_that_reads() -> None:
+    """One API batch of 100 x 10.4 KB reaches every member that reads; none is closed 4008."""
     with GatewayProcess({"RTG_API_ADDR": "127.0.0.1:0", "RTG_STATS_INTERVAL_S": "0"}) as gw:
         assert gw.port is not None
         members = [await joined_raw(gw.port, "burst") for _ in range(BURST_MEMBERS)]
@@ -329,6 +340,7 @@ async def test_api_batch_of_100_x_10k_reaches_every_member_that_reads() -> None:
 
 
 async def test_two_clients_bursting_65k_messages_reach_every_member_that_reads() -> None:
+    """Two clients pipelining 16 x 65 KB each: every reading member gets all 32 in order."""
     # In-process: the members read on the gateway's own event loop, so they
     # read exactly when the gateway lets them, as fast as it lets them.
     async with running_gateway(TEST_CONFIG) as gw:
@@ -354,6 +366,7 @@ async def test_two_clients_bursting_65k_messages_reach_every_member_that_reads()
 
 
 async def test_a_member_that_stopped_reading_does_not_cost_its_room_the_coalescing() -> None:
+    """A stuck member does not turn its room's bursts into one write per publication."""
     # A publisher yields to the loop after a publication that filled an
     # outbox past the write-through threshold; a stuck member's outbox stays
     # there, and must not make every publication yield (one write per member

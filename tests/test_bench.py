@@ -35,6 +35,7 @@ ECHO_FIGURES = ("round_trips", "round_trips_per_s", "cpu_s_per_1000", "p50_ms", 
 def test_tiny_benchmark_reports_every_figure_for_both_servers_and_loses_nothing(
     tmp_path: Path,
 ) -> None:
+    """bench.py --tiny reports every figure for the gateway and the baseline, and loses nothing."""
     report_path = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, str(BENCH), "--tiny", "--no-plot", "--json", str(report_path)],

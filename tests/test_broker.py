@@ -126,7 +126,8 @@ async def test_concurrent_joins_of_fresh_rooms_are_all_subscribed(
         rng = random.Random(16)
 
         async def join_and_publish(member: Client, room: str) -> None:
-            # Joins keep arriving while the gateway's subscriptions are in flight.
+            # Joins keep arriving while the gateway's subscriptions are in flight: spreading
+            # them over half a second is the point, not a wait for something.
             await asyncio.sleep(rng.uniform(0, 0.5))
             await member.join(room)
             assert await member.publish(room, "own") == 1
@@ -233,7 +234,8 @@ async def test_a_publish_redis_took_but_did_not_confirm_is_outcome_unknown(
         try:
             # Five publishers at once: all sent to Redis before it answers.
             await asyncio.gather(*(publish(p, f"frozen-{n}") for n, p in enumerate(publishers)))
-            await asyncio.sleep(max(0.0, 3.0 - (time.monotonic() - started)))  # a 3 s stall
+            # The stall itself: Redis stays frozen for 3 s in all.
+            await asyncio.sleep(max(0.0, 3.0 - (time.monotonic() - started)))
         finally:
             redis_server.thaw()
         await connected_again(one, two)
@@ -328,7 +330,8 @@ async def test_publishes_work_at_once_after_redis_recovers(redis_server: RedisSe
         await asyncio.gather(*(c.join("recovered") for c in clients))
         await clients[0].publish("recovered", "warm")
         await restart_empty(redis_server, one, two)
-        await asyncio.sleep(2)  # as reported: two seconds after the reconnect
+        # Time passing is the condition: the report said two seconds after the reconnect.
+        await asyncio.sleep(2)
         seqs = await asyncio.gather(*(c.publish("recovered", n) for n, c in enumerate(clients)))
         assert sorted(seqs) == list(range(seqs and min(seqs), min(seqs) + 20))
         for client in clients:
@@ -367,7 +370,7 @@ async def test_room_counters_live_while_members_do_then_expire(redis_server: Red
         await asyncio.to_thread(
             wait_until, lambda: not redis_server.command("EXISTS", SEQ_KEY + "empty"), 10
         )
-        # Three lifetimes later the occupied room still counts on.
+        # Three lifetimes later the occupied room still counts on (time passing is the point).
         await asyncio.sleep(6)
         assert await member.publish("kept", "second") == 2
         await member.leave("kept")

@@ -320,6 +320,7 @@ def gateway_env(port: int, **extra: str) -> dict[str, str]:
 
 
 def test_js_client_is_the_module_the_gateway_serves() -> None:
+    """clients/js/rtgateway.js is the very file the gateway serves as /rtgateway.js."""
     # One file: clients/js/rtgateway.js links to the packaged static module.
     client = ROOT / "clients" / "js" / "rtgateway.js"
     assert client.resolve() == (STATIC / "rtgateway.js").resolve()
@@ -327,6 +328,7 @@ def test_js_client_is_the_module_the_gateway_serves() -> None:
 
 
 def test_demo_page_and_module_are_served_and_self_contained() -> None:
+    """/ and /rtgateway.js are served as committed, and the page loads nothing from elsewhere."""
     with GatewayProcess() as gw:
         status, page, headers = http_get(gw.url + "/")
         assert status == 200
@@ -343,6 +345,7 @@ def test_demo_page_and_module_are_served_and_self_contained() -> None:
 
 
 def test_demo_page_is_served_with_a_content_security_policy_and_no_framing() -> None:
+    """The demo page comes with a strict Content-Security-Policy and may not be framed."""
     with GatewayProcess() as gw:
         _, _, headers = http_get(gw.url + "/")
         _, _, module_headers = http_get(gw.url + "/rtgateway.js")
@@ -365,6 +368,7 @@ def test_demo_page_is_served_with_a_content_security_policy_and_no_framing() -> 
 async def test_two_pages_exchange_messages_and_survive_gateway_restart(
     devtools: DevTools,
 ) -> None:
+    """Two Chromium pages exchange messages, and reconnect and rejoin after a gateway restart."""
     port = free_port()
     env = gateway_env(port)
     gateways = [await asyncio.to_thread(GatewayProcess(env).start)]
@@ -446,6 +450,7 @@ def wait_until_metric(gw: GatewayProcess, name: str, value: float, timeout: floa
 
 @pytest.mark.system
 async def test_page_from_foreign_origin_is_refused_and_never_opens(devtools: DevTools) -> None:
+    """A page from an origin not allowed is refused and its client never opens."""
     # The page comes from http://127.0.0.1:PORT, which is not on the list.
     env = {"RTG_ALLOWED_ORIGINS": "https://chat.example.com"}
     with GatewayProcess(env) as gw:
@@ -472,6 +477,7 @@ async def test_page_from_foreign_origin_is_refused_and_never_opens(devtools: Dev
 
 @pytest.mark.system
 async def test_client_drops_connection_without_pong_and_reconnects(devtools: DevTools) -> None:
+    """The JS client drops a connection that stops answering pings and reconnects."""
     with GatewayProcess() as gw:
         page = await devtools.new_page()
         await page.goto(gw.url + "/")
@@ -506,6 +512,7 @@ async def test_client_drops_connection_without_pong_and_reconnects(devtools: Dev
 
 @pytest.mark.system
 async def test_client_reports_seq_gap_and_rejects_on_error_replies(devtools: DevTools) -> None:
+    """The JS client reports a gap in seq and rejects a request answered with an error."""
     with GatewayProcess() as gw:
         async with connect(gw.ws_url + "/ws") as other:
             assert json.loads(await other.recv())["op"] == "hello"
@@ -563,6 +570,7 @@ async def test_client_reports_seq_gap_and_rejects_on_error_replies(devtools: Dev
 
 @pytest.mark.system
 async def test_demo_page_shows_every_message_whatever_its_data(devtools: DevTools) -> None:
+    """The demo page shows every message, whatever its data, under its own CSP."""
     # Data is any JSON value from strangers: objects whose toString is not a
     # function used to throw in the page's listener, and the message vanished.
     awkward: list[Any] = [

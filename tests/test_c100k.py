@@ -89,6 +89,7 @@ def assert_every_figure_and_nothing_lost(report: dict[str, Any], workers: int) -
 def test_c100k_tiny_with_two_workers_and_redis_reports_every_figure_and_loses_nothing(
     tmp_path: Path,
 ) -> None:
+    """c100k.py tiny with two workers and Redis reports every figure and loses nothing."""
     redis = require_tool("redis-server")
     report, stdout = run_c100k(tmp_path, "--workers", "2", "--redis-server", redis)
     assert_every_figure_and_nothing_lost(report, workers=2)
@@ -100,6 +101,7 @@ def test_c100k_tiny_with_two_workers_and_redis_reports_every_figure_and_loses_no
 def test_c100k_tiny_single_gateway_without_broker_reports_every_figure_and_loses_nothing(
     tmp_path: Path,
 ) -> None:
+    """c100k.py tiny with one gateway and no broker reports every figure and loses nothing."""
     report, _ = run_c100k(tmp_path, "--no-broker")
     assert_every_figure_and_nothing_lost(report, workers=1)
     assert report["args"]["workers"] == 1

@@ -41,6 +41,7 @@ def run_conformance(*args: str, out: Path) -> dict:
 
 
 def test_autobahn_sections_1_to_7_and_10_pass_with_default_settings(tmp_path: Path) -> None:
+    """Autobahn sections 1-7 and 10 pass on /ws/echo with the default settings, no traceback."""
     require(KOSOKU.exists(), "needs kosoku (requirements/conformance.txt; run `make venv`)")
     with GatewayProcess() as gw:
         summary = run_conformance("--url", gw.ws_url + "/ws/echo", out=tmp_path)
@@ -53,6 +54,7 @@ def test_autobahn_sections_1_to_7_and_10_pass_with_default_settings(tmp_path: Pa
 
 
 def test_autobahn_section_9_passes_with_16_mib_limits(tmp_path: Path) -> None:
+    """Autobahn section 9 passes with 16 MiB limits, but for the documented exceptions."""
     require(KOSOKU.exists(), "needs kosoku (requirements/conformance.txt; run `make venv`)")
     # The script starts its own gateway with the limits section 9 needs.
     summary = run_conformance("--full", "--section", "9.*", out=tmp_path)

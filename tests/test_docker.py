@@ -244,6 +244,7 @@ def json_lines(text: str) -> list[dict[str, Any]]:
 
 
 def test_dockerfile_passes_hadolint_with_the_committed_config() -> None:
+    """The Dockerfile passes hadolint with the committed configuration."""
     local = Path(sys.executable).parent / "hadolint"  # from requirements/docker.txt
     hadolint = str(local) if local.exists() else require_tool("hadolint")
     proc = subprocess.run(
@@ -259,6 +260,7 @@ def test_dockerfile_passes_hadolint_with_the_committed_config() -> None:
 
 @pytest.mark.system
 def test_image_runs_exec_form_as_unprivileged_user_with_healthcheck(image: str) -> None:
+    """The image runs its entry point in exec form as user 10001, with an exec-form healthcheck."""
     config = json.loads(docker("image", "inspect", image).stdout)[0]["Config"]
     assert config["User"] == "10001:10001"
     assert config["Entrypoint"] == ["/opt/rtgateway/bin/rtgateway"]  # no shell in between
@@ -271,6 +273,7 @@ def test_image_runs_exec_form_as_unprivileged_user_with_healthcheck(image: str) 
 
 @pytest.mark.system
 def test_image_defaults_serve_port_8083_on_ipv4_and_ipv6(image: str) -> None:
+    """With its defaults the container listens on 0.0.0.0 and [::] port 8083 and answers on both."""
     # --network none: the image's own defaults, in a namespace of its own (port
     # 8083 on the host is never touched), reached from inside with docker exec.
     # Docker turns IPv6 off in a namespace without an IPv6 network; turn it back
@@ -308,6 +311,7 @@ def test_image_defaults_serve_port_8083_on_ipv4_and_ipv6(image: str) -> None:
 
 @pytest.mark.system
 async def test_container_answers_healthz_and_echoes_over_websocket(container: Container) -> None:
+    """The container answers /healthz and echoes text and binary over a WebSocket."""
     status, body, _ = http_get(container.url + "/healthz")
     assert (status, body) == (200, "ok")
     async with connect(container.ws_url + "/ws/echo", open_timeout=10) as ws:
@@ -319,6 +323,7 @@ async def test_container_answers_healthz_and_echoes_over_websocket(container: Co
 
 @pytest.mark.system
 def test_docker_reports_the_container_healthy(container: Container) -> None:
+    """Docker's own healthcheck reports the container healthy."""
     wait_until(lambda: container.health() == "healthy", 60, 0.2, "Health.Status healthy")
     log = container.inspect()["State"]["Health"]["Log"]
     assert log and log[-1]["ExitCode"] == 0
@@ -326,6 +331,7 @@ def test_docker_reports_the_container_healthy(container: Container) -> None:
 
 @pytest.mark.system
 def test_container_runs_as_non_root(container: Container) -> None:
+    """The gateway, PID 1 in the container, runs with every uid 10001."""
     assert container.inspect()["Config"]["User"] == "10001:10001"
     assert docker("exec", container.name, "id", "-u").stdout.strip() != "0"
     # The gateway itself (PID 1), not only what `docker exec` runs.
@@ -337,6 +343,7 @@ def test_container_runs_as_non_root(container: Container) -> None:
 
 @pytest.mark.system
 def test_container_logs_are_json_lines(container: Container) -> None:
+    """The container logs JSON lines, gateway_listening among them."""
     events = json_lines(container.logs())
     for event in events:
         assert {"event", "level", "timestamp"} <= event.keys(), event
@@ -349,6 +356,7 @@ def test_container_logs_are_json_lines(container: Container) -> None:
 
 @pytest.mark.system
 async def test_docker_stop_closes_clients_with_1012_and_exits_0(image: str) -> None:
+    """docker stop drains: every client gets 1012 and the container exits 0."""
     gateway = run_gateway(image, env={"RTG_DRAIN_WINDOW_S": "1"})
     try:
         clients = [await connect(gateway.ws_url + "/ws/echo", open_timeout=10) for _ in range(3)]
@@ -413,6 +421,7 @@ def uncommented(path: Path) -> str:
 
 @pytest.mark.system
 def test_compose_file_is_valid_and_mounts_files_that_exist() -> None:
+    """docker-compose.yml is valid and mounts only files that exist."""
     assert set(compose("config", "--services").stdout.split()) == {
         "rtgateway",
         "prometheus",
@@ -429,6 +438,7 @@ def test_compose_file_is_valid_and_mounts_files_that_exist() -> None:
 
 @pytest.mark.system
 def test_compose_services_find_each_other_and_the_mounted_files() -> None:
+    """The compose services name each other and the files mounted for them."""
     # The Prometheus and Grafana files are written for this compose setup: their
     # host names must be its services, their paths must land on its mounts.
     services = set(compose("config", "--services").stdout.split())
@@ -463,6 +473,7 @@ def test_compose_services_find_each_other_and_the_mounted_files() -> None:
 
 @pytest.mark.system
 def test_compose_runs_the_gateway_service(image: str, tmp_path: Path) -> None:
+    """compose runs the gateway healthy, its file limit set, its stop timeout past the drain."""
     # The service as defined, moved onto the host's network (no bridge here) and
     # a free port; `run` rather than `up` because docker-compose refuses host
     # networking with published ports, and --no-deps because Prometheus and

@@ -13,7 +13,7 @@ import contextlib
 import json
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -27,7 +27,7 @@ from hardening_support import (
     tls_client_hello,
     tracebacks,
 )
-from support import GatewayProcess, http_get
+from support import GatewayProcess, eventually, http_get, wait_until
 from websockets.exceptions import InvalidStatus
 from wire import (
     OP_BINARY,
@@ -70,18 +70,6 @@ async def raw(port: int, path: str = "/ws", **kwargs: Any) -> RawConnection:
     conn = await RawConnection.open(port, path, **kwargs)
     _opened.append(conn)
     return conn
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    """Poll ``predicate`` on the event loop until it is truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
-        await asyncio.sleep(0.02)
 
 
 async def eventually_metric(
@@ -134,11 +122,33 @@ async def answer_close(conn: RawConnection, code: int | None) -> None:
     await conn.close()
 
 
-@contextlib.contextmanager
-def no_new_tracebacks(proc: GatewayProcess) -> Iterator[None]:
+async def log_caught_up(proc: GatewayProcess) -> None:
+    """Wait until every line the gateway wrote so far has been read from its pipe.
+
+    The gateway writes its lines in order: once a marker connection's own
+    ``connection_closed`` line (debug level) is read, every earlier one is.
+    """
+    assert proc.port is not None
+    marker = await RawConnection.open(proc.port, "/ws/echo")
+    await marker.send_frame(OP_CLOSE, close_payload(1000))
+    await marker.wait_eof()
+    await marker.close()
+    port = marker.writer.get_extra_info("sockname")[1]
+
+    def marker_closed() -> bool:
+        return any(
+            e.get("event") == "connection_closed" and e.get("peer") == f"127.0.0.1:{port}"
+            for e in proc.events
+        )
+
+    await asyncio.to_thread(wait_until, marker_closed, 10, what="the marker's closing line")
+
+
+@contextlib.asynccontextmanager
+async def no_new_tracebacks(proc: GatewayProcess) -> AsyncIterator[None]:
     start = len(proc.lines)
     yield
-    time.sleep(0.2)  # the log reader thread catches up
+    await log_caught_up(proc)
     bad = tracebacks(proc.lines[start:])
     assert not bad, "exceptions in the gateway log:\n" + "\n".join(bad[:5])
 
@@ -146,7 +156,9 @@ def no_new_tracebacks(proc: GatewayProcess) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def proc() -> Iterator[GatewayProcess]:
     """One gateway subprocess for the rows that read the log; a 1 s open timeout."""
-    with GatewayProcess({"RTG_OPEN_TIMEOUT_S": "1", "RTG_STATS_INTERVAL_S": "0"}) as gw:
+    # Debug level: connection_closed lines are what log_caught_up() waits for.
+    env = {"RTG_OPEN_TIMEOUT_S": "1", "RTG_STATS_INTERVAL_S": "0", "RTG_LOG_LEVEL": "debug"}
+    with GatewayProcess(env) as gw:
         yield gw
         assert not tracebacks(gw.lines), "\n".join(tracebacks(gw.lines)[:5])
 
@@ -157,10 +169,11 @@ def proc() -> Iterator[GatewayProcess]:
 async def test_slowloris_handshake_is_dropped_at_the_open_timeout_and_counted(
     proc: GatewayProcess,
 ) -> None:
+    """A handshake sent a byte at a time is dropped at the open timeout and counted."""
     assert proc.port is not None
     before = metric(await ascrape(proc.url), REJECTIONS, "timeout")
     request = handshake_request("/ws")
-    with no_new_tracebacks(proc):
+    async with no_new_tracebacks(proc):
         conn = await RawConnection.connect(proc.port)
         eof = asyncio.ensure_future(conn.wait_eof(timeout=30))
         sent = 0
@@ -170,7 +183,8 @@ async def test_slowloris_handshake_is_dropped_at_the_open_timeout_and_counted(
                     break
                 await conn.send(bytes([byte]))
                 sent += 1
-                await asyncio.sleep(0.05)  # ~9 s for the request, against a 1 s timeout
+                # The trickle is the attack: ~9 s for the request, against a 1 s timeout.
+                await asyncio.sleep(0.05)
             response = await eof
         finally:
             conn.abort()
@@ -213,13 +227,14 @@ BAD_REQUESTS = {
 async def test_malformed_request_gets_4xx_or_close_without_traceback(
     proc: GatewayProcess, case: str
 ) -> None:
+    """Each malformed request gets its 4xx or a close, is counted, and leaves no traceback."""
     assert proc.port is not None
     head, statuses = BAD_REQUESTS[case]
     data = head + b"\r\n" if statuses is not None else head
     rejected_before = sum(
         v for (name, _), v in (await ascrape(proc.url)).items() if name == REJECTIONS
     )
-    with no_new_tracebacks(proc):
+    async with no_new_tracebacks(proc):
         response = await http_exchange(proc.port, data, timeout=15)
         if statuses is None:
             # Not HTTP at all: a 400 or a plain close, never an upgrade.
@@ -243,6 +258,7 @@ async def test_malformed_request_gets_4xx_or_close_without_traceback(
 
 
 async def test_foreign_origin_is_refused_with_403_when_origins_are_configured() -> None:
+    """A foreign Origin gets 403; a listed origin and no Origin get in."""
     async with gateway(allowed_origins=("https://app.example",)) as gw:
         with pytest.raises(InvalidStatus) as refused:
             await websockets.connect(gw.ws_url, origin="https://evil.example")  # type: ignore[arg-type]
@@ -261,6 +277,7 @@ async def test_foreign_origin_is_refused_with_403_when_origins_are_configured() 
 
 @pytest.mark.parametrize("path", ["/ws", "/ws/echo"])
 async def test_message_over_the_size_limit_is_closed_1009(path: str) -> None:
+    """A message over RTG_MAX_MESSAGE_BYTES closes the connection 1009, counted."""
     async with gateway(max_message_bytes=4096) as gw:
         conn = await raw(gw.port, path)
         await conn.send_frame(OP_TEXT, b"x" * 4097)
@@ -271,6 +288,7 @@ async def test_message_over_the_size_limit_is_closed_1009(path: str) -> None:
 
 
 async def test_frame_declaring_2_to_the_62_bytes_is_closed_1009_without_waiting() -> None:
+    """A frame header declaring 2^62 bytes is closed 1009 before any payload arrives."""
     async with gateway() as gw:
         conn = await raw(gw.port, "/ws/echo")
         # The header alone: the gateway must refuse before any payload arrives.
@@ -342,6 +360,7 @@ FRAME_VIOLATIONS: dict[str, tuple[list[bytes], int, str]] = {
 
 @pytest.mark.parametrize("case", list(FRAME_VIOLATIONS))
 async def test_frame_violation_is_closed_with_the_rfc_code(case: str) -> None:
+    """Each frame violation closes with RFC 6455's code; other members are untouched."""
     frames, expected_code, reason = FRAME_VIOLATIONS[case]
     async with gateway(max_message_bytes=4096) as gw:
         member = await joined(gw.port, "room")
@@ -359,6 +378,7 @@ async def test_frame_violation_is_closed_with_the_rfc_code(case: str) -> None:
 
 
 async def test_binary_frame_on_ws_gets_bad_message_and_others_are_unaffected() -> None:
+    """A binary frame on /ws gets bad_message; the connection and the room work on."""
     async with gateway() as gw:
         other = await joined(gw.port, "room")
         sender = await joined(gw.port, "room")
@@ -404,6 +424,7 @@ BAD_MESSAGES: dict[str, tuple[str, str]] = {
 
 
 async def test_every_bad_message_gets_its_error_code_and_the_connection_stays() -> None:
+    """Every bad message, one after another on one connection, gets its code; it stays open."""
     async with gateway() as gw:
         conn = await joined(gw.port, "room")
         for case, (text, code) in BAD_MESSAGES.items():
@@ -429,6 +450,7 @@ async def test_bad_message_row(case: str) -> None:
 
 
 async def test_new_room_past_the_process_cap_gets_room_limit_and_existing_rooms_work() -> None:
+    """Past RTG_MAX_ROOMS a new room gets room_limit; existing rooms still work."""
     async with gateway(max_rooms=3) as gw:
         first = await joined(gw.port, "a")
         for room in ("b", "c"):
@@ -449,6 +471,7 @@ async def test_new_room_past_the_process_cap_gets_room_limit_and_existing_rooms_
 
 
 async def test_too_many_rooms_gets_too_many_rooms_and_the_connection_stays() -> None:
+    """Joining past RTG_MAX_ROOMS_PER_CONNECTION gets too_many_rooms; the connection stays."""
     async with gateway(max_rooms_per_connection=2) as gw:
         conn = await joined(gw.port, "a")
         await conn.send_json({"op": "join", "room": "b", "id": 2})
@@ -464,6 +487,7 @@ async def test_too_many_rooms_gets_too_many_rooms_and_the_connection_stays() -> 
 
 @pytest.mark.parametrize("limit", ["messages", "bytes"])
 async def test_echo_flood_gets_rate_limited_errors_then_close_1008(limit: str) -> None:
+    """A flood on /ws/echo gets rate_limited errors instead of echoes, then close 1008."""
     async with gateway(
         rate_limit_msgs_per_s=5,
         rate_limit_burst=5,
@@ -514,6 +538,7 @@ POISON_DATA: dict[str, tuple[str, set[str]]] = {
 async def test_poisoned_data_is_refused_to_the_sender_and_the_room_keeps_working(
     case: str,
 ) -> None:
+    """Poisoned data is refused to the sender, reaches nobody, and the room goes on at seq 1."""
     data, codes = POISON_DATA[case]
     async with gateway() as gw:
         members = [await joined(gw.port, "room") for _ in range(3)]
@@ -566,15 +591,19 @@ async def test_deepest_nesting_the_gateway_accepts_is_readable_by_the_python_cli
 async def test_half_a_frame_then_reset_ends_the_handler_counted_as_aborted(
     proc: GatewayProcess, path: str
 ) -> None:
+    """Half a frame then a reset ends the handler, counted as aborted, without a traceback."""
     assert proc.port is not None
     before = metric(await ascrape(proc.url), DISCONNECTS, "aborted")
-    with no_new_tracebacks(proc):
+    async with no_new_tracebacks(proc):
         conn = await RawConnection.open(proc.port, path)
         frame = encode_frame(OP_TEXT, b'{"op":"ping","id":1}' * 10)
         await conn.send(frame[: len(frame) // 2])
-        await asyncio.sleep(0.1)
+        # The half frame is in the gateway's receive queue (loopback delivers on send): once
+        # the gateway has answered a later handshake, its loop has read the half frame too.
+        probe = await RawConnection.open(proc.port, "/ws/echo")
+        probe.abort()
         conn.abort()
-        await eventually_metric(proc.url, DISCONNECTS, ("aborted",), before + 1)
+        await eventually_metric(proc.url, DISCONNECTS, ("aborted",), before + 2)
         samples = await ascrape(proc.url)
         assert metric(samples, "rtgateway_connections_current") == 0
 
@@ -583,6 +612,7 @@ async def test_half_a_frame_then_reset_ends_the_handler_counted_as_aborted(
 
 
 async def test_ping_flood_from_a_non_reader_is_cut_off_with_a_bounded_buffer() -> None:
+    """A non-reader's ping flood is cut off (write_buffer), RSS bounded, others served."""
     env = {"RTG_STATS_INTERVAL_S": "0"}
     with GatewayProcess(env) as gw:
         assert gw.port is not None and gw.proc is not None
@@ -613,6 +643,7 @@ WINDOW = 32
 
 
 async def test_non_reader_in_a_busy_room_gets_the_slow_consumer_policy_and_others_get_all() -> None:
+    """A non-reader in a busy room is closed 4008; every other member gets every publication."""
     n = 1000
     async with gateway(
         outbox_max_messages=64,
@@ -657,6 +688,7 @@ async def test_non_reader_in_a_busy_room_gets_the_slow_consumer_policy_and_other
 
 
 async def test_publish_flood_gets_rate_limit_errors_then_close_1008() -> None:
+    """A publish flood gets rate_limited errors with retry_after_ms, then close 1008."""
     async with gateway(
         rate_limit_msgs_per_s=5, rate_limit_burst=5, rate_limit_max_rejected=10
     ) as gw:
@@ -685,6 +717,7 @@ async def test_publish_flood_gets_rate_limit_errors_then_close_1008() -> None:
 
 
 async def test_connections_past_the_limit_get_503_quietly_and_service_recovers() -> None:
+    """Past RTG_MAX_CONNECTIONS: 503 and Retry-After, no line each; room again once some leave."""
     with GatewayProcess({"RTG_MAX_CONNECTIONS": "5", "RTG_STATS_INTERVAL_S": "0"}) as gw:
         assert gw.port is not None
         lines_before = len(gw.lines)
@@ -711,6 +744,7 @@ async def test_connections_past_the_limit_get_503_quietly_and_service_recovers()
 
 
 async def test_file_descriptor_exhaustion_is_refused_quietly_and_service_recovers() -> None:
+    """At the open-files limit: 503 or a close, never EMFILE, quietly; then recovery."""
     # 128 descriptors: the gateway derives 64 connections and 96 sockets from it.
     with GatewayProcess({"RTG_STATS_INTERVAL_S": "0"}, nofile=128) as gw:
         assert gw.port is not None
@@ -773,6 +807,7 @@ LINGERING: dict[str, bytes] = {
 
 @pytest.mark.parametrize("case", list(LINGERING))
 async def test_peer_that_never_closes_tcp_is_dropped_after_the_close_timeout(case: str) -> None:
+    """A peer that never closes TCP after the closing handshake is dropped at the close timeout."""
     async with gateway(max_message_bytes=4096, ping_interval_s=0, close_timeout_s=0.3) as gw:
         conn = await raw(gw.port, "/ws/echo")
         await conn.send(LINGERING[case])
@@ -786,6 +821,7 @@ async def test_peer_that_never_closes_tcp_is_dropped_after_the_close_timeout(cas
 
 
 async def test_dead_peer_is_closed_after_the_ping_timeout() -> None:
+    """A peer that answers no ping is closed 1011 at the ping timeout and leaves its rooms."""
     async with gateway(ping_interval_s=0.2, ping_timeout_s=0.3, close_timeout_s=0.5) as gw:
         member = await joined(gw.port, "room")
         # Joined, then silent: it answers no ping (a raw socket never pongs by itself).
@@ -798,10 +834,12 @@ async def test_dead_peer_is_closed_after_the_ping_timeout() -> None:
 
 
 async def test_live_peer_survives_many_ping_intervals() -> None:
+    """A peer that answers pings survives many ping intervals."""
     async with gateway(ping_interval_s=0.1, ping_timeout_s=0.3) as gw:
         async with Client.connect(gw.ws_url) as client:
             await client.join("room")
-            await asyncio.sleep(1.0)  # ten pings, each answered by the websockets client
+            # Time passing is the condition: ten pings, each answered by the websockets client.
+            await asyncio.sleep(1.0)
             assert (await client.ping())["op"] == "pong"
         assert gw.metrics.disconnects["ping_timeout"] == 0
 
@@ -810,6 +848,7 @@ async def test_live_peer_survives_many_ping_intervals() -> None:
 
 
 async def test_sigterm_during_a_broadcast_drains_and_no_member_gets_a_partial_frame() -> None:
+    """SIGTERM mid-broadcast: whole frames, no seq gap, then 1012 and a clean close; exit 0."""
     env = {
         "RTG_DRAIN_WINDOW_S": "0.5",
         "RTG_DRAIN_TIMEOUT_S": "10",

@@ -102,6 +102,7 @@ async def answer(port: int, data: bytes, timeout: float = ANSWER_TIMEOUT_S) -> i
 async def test_api_target_that_is_not_utf8_gets_400_and_nothing_of_it_reaches_the_log(
     gw: Gateway,
 ) -> None:
+    """An API target that is not UTF-8 gets 400, and nothing of the request reaches the log."""
     request = (
         b"POST /api/rooms/\xff\xfe\xc3 HTTP/1.1\r\nHost: x\r\n"
         + AUTH
@@ -120,6 +121,7 @@ async def test_api_target_that_is_not_utf8_gets_400_and_nothing_of_it_reaches_th
 
 
 async def test_two_origin_headers_on_ws_get_400_counted_and_no_traceback(gw: Gateway) -> None:
+    """Two Origin headers on /ws get 400, counted, without a traceback."""
     before = metric(await ascrape(gw.proc.url), REJECTIONS, "bad_request")
     request = (
         b"GET /ws HTTP/1.1\r\nHost: x\r\nOrigin: http://app.example\r\n"
@@ -133,6 +135,7 @@ async def test_two_origin_headers_on_ws_get_400_counted_and_no_traceback(gw: Gat
 
 
 async def test_rooms_limit_of_5000_digits_gets_400_and_no_traceback(gw: Gateway) -> None:
+    """/api/rooms?limit= with 5000 digits gets 400, without a traceback."""
     request = b"GET /api/rooms?limit=" + b"9" * 5000 + b" HTTP/1.1\r\nHost: x\r\n" + AUTH + b"\r\n"
     with clean_log(gw.proc):
         assert await answer(gw.api_port, request) == 400
@@ -142,6 +145,7 @@ async def test_rooms_limit_of_5000_digits_gets_400_and_no_traceback(gw: Gateway)
 
 
 async def test_content_length_with_leading_zeros_is_read_as_its_value(gw: Gateway) -> None:
+    """A Content-Length with leading zeros is read as its value."""
     body = b'{"room": "zeros", "data": 1}'
     for width in (2, 19, 40):
         length = str(len(body)).zfill(width).encode()
@@ -156,6 +160,7 @@ async def test_content_length_with_leading_zeros_is_read_as_its_value(gw: Gatewa
 async def test_bare_lf_line_endings_are_refused_at_once_with_400(
     gw: Gateway, listener: str
 ) -> None:
+    """Bare-LF line endings, even one among CRLFs, get 400 at once on either port."""
     port = gw.api_port if listener == "api" else gw.ws_port
     path = b"/api/info" if listener == "api" else b"/healthz"
     requests = [
@@ -169,6 +174,7 @@ async def test_bare_lf_line_endings_are_refused_at_once_with_400(
 
 
 async def test_ws_without_host_or_with_two_is_refused_with_400(gw: Gateway) -> None:
+    """A handshake without Host, or with two, gets 400, counted."""
     before = metric(await ascrape(gw.proc.url), REJECTIONS, "bad_request")
     with clean_log(gw.proc):
         assert await answer(gw.ws_port, b"GET /ws HTTP/1.1\r\n" + UPGRADE + b"\r\n") == 400
@@ -281,6 +287,7 @@ def _terminate(request: bytes) -> bytes:
 async def test_hostile_request_gets_no_500_and_no_traceback(
     gw: Gateway, listener: str, case: str
 ) -> None:
+    """Each request of the sweep gets no 500, no traceback, and no upgrade unless legal."""
     port, request = (
         (gw.ws_port, WS_SWEEP[case]) if listener == "ws" else (gw.api_port, API_SWEEP[case])
     )
@@ -321,6 +328,7 @@ def faulty_gateway(tmp_path: Path) -> Iterator[GatewayProcess]:
 async def test_a_repeated_error_is_logged_a_bounded_number_of_times_and_counted(
     faulty_gateway: GatewayProcess,
 ) -> None:
+    """400 identical errors: a bounded number of lines, all counted, no locals logged."""
     proc = faulty_gateway
     assert proc.port is not None
     joins = 400

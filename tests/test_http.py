@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from conftest import RunningGateway, running_gateway
 from httpc import request, upgrade_headers
+from support import eventually
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -26,6 +25,7 @@ async def metrics_text(gw: RunningGateway) -> str:
 
 
 async def test_healthz_answers_ok(gateway: RunningGateway) -> None:
+    """/healthz and /readyz answer 200 ok."""
     status, _, body = await request(gateway.port, "/healthz")
     assert (status, body) == (200, b"ok")
     status, _, body = await request(gateway.port, "/readyz")
@@ -33,6 +33,7 @@ async def test_healthz_answers_ok(gateway: RunningGateway) -> None:
 
 
 async def test_metrics_has_the_gateway_and_process_families(gateway: RunningGateway) -> None:
+    """/metrics has the gateway's families and the process families."""
     text = await metrics_text(gateway)
     for name in (
         "rtgateway_connections_current",
@@ -57,6 +58,7 @@ async def test_metrics_has_the_gateway_and_process_families(gateway: RunningGate
 
 
 async def test_unknown_path_is_404_and_non_get_is_405(gateway: RunningGateway) -> None:
+    """An unknown path gets 404, another method 405 with Allow; both counted."""
     status, _, _ = await request(gateway.port, "/nope")
     assert status == 404
     status, headers, _ = await request(gateway.port, "/ws", method="POST")
@@ -70,11 +72,13 @@ async def test_unknown_path_is_404_and_non_get_is_405(gateway: RunningGateway) -
 
 
 async def test_http_1_0_upgrade_is_400(gateway: RunningGateway) -> None:
+    """A WebSocket upgrade over HTTP/1.0 gets 400."""
     status, _, _ = await request(gateway.port, "/ws", headers=upgrade_headers(), version="HTTP/1.0")
     assert status == 400
 
 
 async def test_echo_returns_text_and_binary(gateway: RunningGateway) -> None:
+    """/ws/echo returns text as text and binary as binary."""
     async with connect(gateway.echo_url) as ws:
         await ws.send("héllo")
         assert await ws.recv() == "héllo"
@@ -83,6 +87,7 @@ async def test_echo_returns_text_and_binary(gateway: RunningGateway) -> None:
 
 
 async def test_no_compression_is_negotiated(gateway: RunningGateway) -> None:
+    """permessage-deflate is never negotiated, though the client offers it."""
     async with connect(gateway.echo_url) as ws:  # the client offers permessage-deflate
         assert ws.response is not None
         assert "Sec-WebSocket-Extensions" not in ws.response.headers
@@ -91,12 +96,13 @@ async def test_no_compression_is_negotiated(gateway: RunningGateway) -> None:
 async def test_connection_gauge_and_counters_follow_real_connections(
     gateway: RunningGateway,
 ) -> None:
+    """The connection gauge and the counters follow real connections and messages."""
     clients = [await connect(gateway.echo_url) for _ in range(5)]
     text = await metrics_text(gateway)
     assert sample(text, "rtgateway_connections_current") == 5
     for ws in clients[:2]:
         await ws.close()
-    await asyncio.sleep(0.1)
+    await eventually(lambda: gateway.metrics.connections_current == 3, what="two closes seen")
     text = await metrics_text(gateway)
     assert sample(text, "rtgateway_connections_current") == 3
     assert sample(text, "rtgateway_connections_total") == 5
@@ -112,6 +118,7 @@ async def test_connection_gauge_and_counters_follow_real_connections(
 
 
 async def test_past_the_connection_limit_handshakes_get_503_with_retry_after() -> None:
+    """Past the connection limit: 503 with Retry-After; a freed slot serves again."""
     async with running_gateway(max_connections=3) as gw:
         clients = [await connect(gw.echo_url) for _ in range(3)]
         with pytest.raises(InvalidStatus) as info:
@@ -124,7 +131,7 @@ async def test_past_the_connection_limit_handshakes_get_503_with_retry_after() -
         assert (await request(gw.port, "/healthz"))[0] == 200
         # A slot frees up when a client leaves.
         await clients[0].close()
-        await asyncio.sleep(0.05)
+        await eventually(lambda: gw.metrics.connections_current == 2, what="the close seen")
         async with connect(gw.echo_url) as ws:
             await ws.send("again")
             assert await ws.recv() == "again"
@@ -133,6 +140,7 @@ async def test_past_the_connection_limit_handshakes_get_503_with_retry_after() -
 
 
 async def test_foreign_origin_is_403_when_origins_are_configured() -> None:
+    """With origins configured a foreign Origin gets 403, counted; a listed one gets in."""
     async with running_gateway(allowed_origins=("https://app.example",)) as gw:
         status, _, _ = await request(
             gw.port, "/ws", headers=upgrade_headers("https://evil.example")
@@ -145,11 +153,13 @@ async def test_foreign_origin_is_403_when_origins_are_configured() -> None:
 
 
 async def test_any_origin_is_accepted_when_none_are_configured(gateway: RunningGateway) -> None:
+    """Without configured origins any Origin gets in."""
     async with connect(gateway.ws_url, origin="https://anything.example") as ws:  # type: ignore[arg-type]
         assert '"op":"hello"' in await ws.recv()
 
 
 async def test_demo_page_and_client_module_are_served_unless_turned_off() -> None:
+    """The demo page and client module are served, and 404 with RTG_DEMO=false."""
     async with running_gateway(demo=True) as gw:
         status, headers, _body = await request(gw.port, "/")
         assert status == 200 and headers["content-type"].startswith("text/html")

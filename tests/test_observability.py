@@ -176,6 +176,7 @@ def alert_rules() -> list[dict[str, Any]]:
 
 
 def test_dashboard_json_is_the_generator_output() -> None:
+    """The committed dashboard JSON is exactly what generate.py renders."""
     generate = load_generator()
     assert (GRAFANA / "rtgateway.json").read_text() == generate.render(), (
         "deploy/grafana/rtgateway.json is stale: run python deploy/grafana/generate.py"
@@ -183,6 +184,7 @@ def test_dashboard_json_is_the_generator_output() -> None:
 
 
 def test_dashboard_generator_check_mode_accepts_committed_json() -> None:
+    """generate.py --check accepts the committed dashboard."""
     result = subprocess.run(
         [sys.executable, str(GRAFANA / "generate.py"), "--check"], capture_output=True, text=True
     )
@@ -190,6 +192,7 @@ def test_dashboard_generator_check_mode_accepts_committed_json() -> None:
 
 
 def test_dashboard_uses_datasource_variable_everywhere() -> None:
+    """Every panel and variable uses the ${datasource} variable: importable and provisionable."""
     dash = dashboard()
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
@@ -212,6 +215,7 @@ def test_dashboard_uses_datasource_variable_everywhere() -> None:
 
 
 def test_dashboard_queries_filter_on_job_and_instance() -> None:
+    """Every dashboard query filters on $job and $instance."""
     for where, expr in dashboard_queries(dashboard()):
         selectors = re.findall(r"[a-z_:]+\{([^}]*)\}", expr)
         assert selectors, f"{where}: no label selector in {expr}"
@@ -220,6 +224,7 @@ def test_dashboard_queries_filter_on_job_and_instance() -> None:
 
 
 def test_dashboard_layout_is_valid() -> None:
+    """Panel ids are unique and no panel overlaps another or leaves the grid."""
     panels = list(all_panels(dashboard()))
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids))
@@ -234,12 +239,14 @@ def test_dashboard_layout_is_valid() -> None:
 
 
 def test_dashboard_shows_every_contract_metric() -> None:
+    """Every metric of the contract appears in a panel."""
     exprs = " ".join(expr for _, expr in dashboard_queries(dashboard()))
     missing = [m for m in CONTRACT_METRICS if not re.search(rf"\b{m}\b", exprs)]
     assert not missing, f"metrics without a panel: {missing}"
 
 
 def test_dashboard_has_the_required_panels() -> None:
+    """The dashboard has every required panel, by title."""
     titles = {p["title"] for p in all_panels(dashboard())}
     for wanted in (
         "Connects and disconnects /s by reason",
@@ -262,6 +269,7 @@ def test_dashboard_has_the_required_panels() -> None:
 
 
 def test_grafana_provisioning_files() -> None:
+    """The provisioning files give a default Prometheus datasource and a file provider."""
     prov = GRAFANA / "provisioning"
     datasources = yaml.safe_load((prov / "datasources" / "prometheus.yaml").read_text())
     assert datasources["apiVersion"] == 1
@@ -275,6 +283,7 @@ def test_grafana_provisioning_files() -> None:
 
 
 def test_every_alert_is_documented_and_strippable() -> None:
+    """Every alert has a severity, a summary, a description and a trailing threshold."""
     rules = alert_rules()
     assert len(rules) >= 7
     for rule in rules:
@@ -286,6 +295,7 @@ def test_every_alert_is_documented_and_strippable() -> None:
 
 
 def test_every_alert_has_firing_and_quiet_unit_tests() -> None:
+    """Every alert has a promtool unit test that fires it and one that does not."""
     doc = yaml.safe_load(RULE_TESTS.read_text())
     firing: set[str] = set()
     quiet: set[str] = set()
@@ -299,6 +309,7 @@ def test_every_alert_has_firing_and_quiet_unit_tests() -> None:
 
 @pytest.mark.system
 def test_promtool_check_rules() -> None:
+    """promtool check rules accepts the alert rules."""
     promtool = require_tool("promtool")
     result = subprocess.run(
         [promtool, "check", "rules", str(RULES)], capture_output=True, text=True
@@ -309,6 +320,7 @@ def test_promtool_check_rules() -> None:
 
 @pytest.mark.system
 def test_promtool_rule_unit_tests_pass() -> None:
+    """promtool test rules passes the rules' unit tests."""
     promtool = require_tool("promtool")
     result = subprocess.run(
         [promtool, "test", "rules", RULE_TESTS.name],
@@ -322,6 +334,7 @@ def test_promtool_rule_unit_tests_pass() -> None:
 
 @pytest.mark.system
 def test_promtool_check_example_config() -> None:
+    """promtool check config accepts the example Prometheus config and its rule file."""
     promtool = require_tool("promtool")
     result = subprocess.run(
         [promtool, "check", "config", str(PROM_CONFIG)], capture_output=True, text=True
@@ -332,6 +345,7 @@ def test_promtool_check_example_config() -> None:
 
 @pytest.mark.system
 def test_promtool_check_metrics_on_real_gateway_output() -> None:
+    """promtool check metrics finds nothing to say about a real gateway's /metrics."""
     promtool = require_tool("promtool")
     with GatewayProcess(GATEWAY_ENV) as gw:
         # One protocol error, so that labelled family has a sample too.
@@ -505,7 +519,7 @@ async def publish_until(
         reply = await request(ws, {"op": "publish", "room": room, "data": PAYLOAD, "id": 1000 + i})
         if reply["op"] == "error":
             assert reply["code"] == "rate_limited", reply
-            await asyncio.sleep(reply["retry_after_ms"] / 1000)
+            await asyncio.sleep(reply["retry_after_ms"] / 1000)  # as a client is told to
         if i % 4 == 3 and await asyncio.to_thread(metric_value, port, *moved):
             return i + 1
     raise AssertionError(f"{moved} did not move after {limit} publishes to {room}")
@@ -588,6 +602,7 @@ async def drive_load(port: int) -> None:
 @pytest.mark.system
 @pytest.mark.timeout(180)
 def test_dashboard_and_alert_queries_return_series_from_real_prometheus() -> None:
+    """Real Prometheus on a loaded gateway: every panel and alert query has series."""
     prometheus_bin = require_tool("prometheus")
     with tempfile.TemporaryDirectory(prefix="rtg-prom-") as tmpdir:
         tmp = Path(tmpdir)

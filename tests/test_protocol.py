@@ -34,6 +34,7 @@ json_values = st.recursive(
 @given(st.text())
 @settings(max_examples=500)
 def test_any_text_parses_to_a_message_or_a_protocol_error(text: str) -> None:
+    """Any text parses to a message or raises a ProtocolError with a documented code."""
     try:
         msg = parse(text)
     except ProtocolError as exc:
@@ -45,6 +46,7 @@ def test_any_text_parses_to_a_message_or_a_protocol_error(text: str) -> None:
 @given(json_values)
 @settings(max_examples=300)
 def test_any_json_value_parses_to_a_message_or_a_protocol_error(value: Any) -> None:
+    """Any JSON value parses to a message or raises a ProtocolError with a documented code."""
     try:
         msg = parse(json.dumps(value))
     except ProtocolError as exc:
@@ -61,6 +63,7 @@ def test_any_json_value_parses_to_a_message_or_a_protocol_error(value: Any) -> N
 )
 @settings(max_examples=500)
 def test_parser_agrees_with_the_json_schema(op: Any, room: Any, id: Any, data: Any) -> None:
+    """The parser accepts exactly what docs/protocol.schema.json accepts (but unencodable text)."""
     obj: dict[str, Any] = {"op": op, "data": data}
     if room is not None:
         obj["room"] = room
@@ -85,6 +88,7 @@ def test_parser_agrees_with_the_json_schema(op: Any, room: Any, id: Any, data: A
 @given(json_values)
 @settings(max_examples=300)
 def test_published_data_round_trips_through_the_frame(value: Any) -> None:
+    """Published data comes out of the message frame as it went in."""
     try:
         msg = parse(json.dumps({"op": "publish", "room": "r", "data": value}))
     except ProtocolError as exc:
@@ -109,6 +113,7 @@ def _unframe(frame: bytes) -> bytes:
 
 @pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70000])
 def test_frames_use_the_right_length_encoding(size: int) -> None:
+    """Frames use the 7-, 16- or 64-bit length form their size calls for."""
     payload = b"a" * size
     assert _unframe(protocol.text_frame(payload)) == payload
     assert protocol.binary_frame(payload)[0] == 0x82
@@ -144,18 +149,21 @@ def test_frames_use_the_right_length_encoding(size: int) -> None:
     ],
 )
 def test_bad_input_gets_the_documented_code(text: str, code: str) -> None:
+    """Each kind of bad input gets the error code docs/protocol.md gives it."""
     with pytest.raises(ProtocolError) as info:
         parse(text)
     assert info.value.code == code
 
 
 def test_errors_keep_the_request_id_when_it_could_be_read() -> None:
+    """An error keeps the request's id when it could be read."""
     with pytest.raises(ProtocolError) as info:
         parse('{"op": "join", "room": "bad room", "id": 42}')
     assert info.value.id == 42
 
 
 def test_valid_messages_parse() -> None:
+    """Valid join, leave, publish and ping messages parse to their values."""
     assert parse('{"op":"join","room":"lobby","id":1}') == Join("lobby", 1)
     assert parse('{"op":"join","room":"t","policy":"drop_oldest"}') == Join(
         "t", None, "drop_oldest"
@@ -168,6 +176,7 @@ def test_valid_messages_parse() -> None:
 
 
 def test_deep_but_legal_nesting_round_trips() -> None:
+    """Data nested 200 deep is accepted and round-trips."""
     data = json.loads("[" * 200 + "]" * 200)
     msg = parse(json.dumps({"op": "publish", "room": "a", "data": data}))
     assert isinstance(msg, Publish)
@@ -175,6 +184,7 @@ def test_deep_but_legal_nesting_round_trips() -> None:
 
 
 def test_floats_stay_finite() -> None:
+    """A float at the edge of the double range stays finite."""
     msg = parse('{"op":"publish","room":"a","data":1e308}')
     assert isinstance(msg, Publish)
     assert math.isfinite(json.loads(msg.data))

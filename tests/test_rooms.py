@@ -7,6 +7,7 @@ import json
 
 import pytest
 from conftest import RunningGateway, running_gateway
+from support import eventually
 from websockets.asyncio.client import connect
 
 from rtgateway.client import Client, ServerError
@@ -20,6 +21,7 @@ async def expect_error(coro: object, code: str) -> dict[str, object]:
 
 
 async def test_hello_carries_conn_id_server_and_limits(gateway: RunningGateway) -> None:
+    """The hello carries the connection's id, the server and its limits."""
     async with Client.connect(gateway.ws_url) as c:
         assert c.hello["op"] == "hello"
         assert c.hello["server"].startswith("rtgateway/")
@@ -31,6 +33,7 @@ async def test_hello_carries_conn_id_server_and_limits(gateway: RunningGateway) 
 
 
 async def test_join_publish_leave_flow(gateway: RunningGateway) -> None:
+    """Join, publish, leave: members, seq, ts and data as documented; a leaver gets no more."""
     async with Client.connect(gateway.ws_url) as a, Client.connect(gateway.ws_url) as b:
         assert (await a.join("lobby"))["members"] == 1
         ack = await b.join("lobby")
@@ -54,6 +57,7 @@ async def test_join_publish_leave_flow(gateway: RunningGateway) -> None:
 
 
 async def test_join_twice_is_acknowledged_and_changes_nothing(gateway: RunningGateway) -> None:
+    """Joining twice is acknowledged with the first policy and delivers once."""
     async with Client.connect(gateway.ws_url) as c:
         assert (await c.join("r", policy="drop_oldest"))["members"] == 1
         again = await c.join("r", policy="drop_newest")
@@ -66,6 +70,7 @@ async def test_join_twice_is_acknowledged_and_changes_nothing(gateway: RunningGa
 
 
 async def test_every_error_code_over_the_wire() -> None:
+    """Every error code the protocol documents reaches the client over a real socket."""
     async with running_gateway(max_rooms_per_connection=2, max_message_bytes=1024) as gw:
         async with Client.connect(gw.ws_url) as c:
             ws = c.ws
@@ -102,6 +107,8 @@ async def test_every_error_code_over_the_wire() -> None:
 async def test_internal_error_answers_internal_and_keeps_the_connection(
     gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A fault in the hub answers internal and the connection keeps working."""
+
     def broken(*args: object, **kwargs: object) -> int:
         raise RuntimeError("injected fault")
 
@@ -114,6 +121,7 @@ async def test_internal_error_answers_internal_and_keeps_the_connection(
 
 
 async def test_publish_without_join_when_allowed() -> None:
+    """With publish_requires_join off an outsider publishes; an empty room numbers nothing."""
     async with running_gateway(publish_requires_join=False) as gw:
         async with Client.connect(gw.ws_url) as member, Client.connect(gw.ws_url) as outsider:
             await member.join("r")
@@ -126,6 +134,7 @@ async def test_publish_without_join_when_allowed() -> None:
 async def test_order_under_concurrent_publishers_is_one_gap_free_sequence(
     gateway: RunningGateway,
 ) -> None:
+    """Five publishers at once: one gap-free sequence for all, each publisher's in order."""
     members = [await Client.open(gateway.ws_url) for _ in range(10)]
     for m in members:
         await m.join("order")
@@ -152,6 +161,7 @@ async def test_order_under_concurrent_publishers_is_one_gap_free_sequence(
 async def test_rooms_are_removed_when_their_last_member_disconnects(
     gateway: RunningGateway,
 ) -> None:
+    """Rooms go when their last member disconnects; the gauges return to 0."""
     clients = [await Client.open(gateway.ws_url) for _ in range(5)]
     for i, c in enumerate(clients):
         await c.join("shared")
@@ -160,11 +170,7 @@ async def test_rooms_are_removed_when_their_last_member_disconnects(
     assert gateway.metrics.room_members_current == 10
     for c in clients:
         await c.close()
-    for _ in range(100):
-        if gateway.metrics.rooms_current == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert gateway.metrics.rooms_current == 0
+    await eventually(lambda: gateway.metrics.rooms_current == 0, what="every room closed")
     assert gateway.metrics.room_members_current == 0
     assert gateway.gateway.hub.rooms == {}
 
@@ -172,6 +178,7 @@ async def test_rooms_are_removed_when_their_last_member_disconnects(
 async def test_room_of_1000_members_each_receives_every_message_once(
     gateway: RunningGateway,
 ) -> None:
+    """In a room of 1000 members each receives every message once, in order."""
     members = []
     for _ in range(1000):
         c = await Client.open(gateway.ws_url)
@@ -191,6 +198,7 @@ async def test_room_of_1000_members_each_receives_every_message_once(
 async def test_invalid_input_never_costs_another_member_its_connection(
     gateway: RunningGateway,
 ) -> None:
+    """A member's invalid input costs it an error, never another member's connection."""
     async with Client.connect(gateway.ws_url) as bad, Client.connect(gateway.ws_url) as good:
         await bad.join("r")
         await good.join("r")
@@ -214,10 +222,11 @@ async def test_invalid_input_never_costs_another_member_its_connection(
 
 
 async def test_joins_and_publishes_during_a_drain_get_draining() -> None:
+    """Joins sent while the gateway drains get draining."""
     async with running_gateway(drain_window_s=2.0) as gw:
         clients = [await Client.open(gw.ws_url) for _ in range(60)]
         stop_task = asyncio.create_task(gw.gateway.stop())
-        await asyncio.sleep(0)
+        await eventually(lambda: gw.gateway.state.draining, what="the drain started")
         replies = await asyncio.gather(*(c.join("late") for c in clients), return_exceptions=True)
         codes = {r.code for r in replies if isinstance(r, ServerError)}
         assert codes == {"draining"}
@@ -225,6 +234,7 @@ async def test_joins_and_publishes_during_a_drain_get_draining() -> None:
 
 
 async def test_app_level_ping_gets_pong(gateway: RunningGateway) -> None:
+    """A protocol ping gets its pong with its id."""
     async with connect(gateway.ws_url) as ws:
         await ws.recv()
         await ws.send('{"op":"ping","id":"p1"}')

@@ -13,98 +13,53 @@ import contextlib
 import itertools
 import json
 import os
-import re
 import signal
-import socket
-import struct
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
 
 import pytest
 from conftest import running_gateway
 from redisserver import RedisServer
-from support import (
-    ROOT,
-    GatewayProcess,
-    free_port,
-    http_get,
-    wait_until,
-)
+from support import ROOT, SupervisorProcess, free_port, supervisor, wait_until
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
-
-from rtgateway.testing import parse_log_line as _parse
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]
 
 ROOM = "scale"
 
 
-# The supervisor as a subprocess.
-
-
-class SupervisorProcess(GatewayProcess):
-    """``python -m rtgateway`` with ``RTG_WORKERS`` > 1: ready once ``supervisor_ready``."""
-
-    ready_event = "supervisor_ready"
-
-    def worker_pid(self, index: int) -> int:
-        started = [
-            e["pid"]
-            for e in self.events
-            if e.get("event") == "worker_started" and e.get("worker") == index
-        ]
-        return int(started[-1])
-
-    def worker_metric(self, name: str) -> dict[int, float]:
-        """``name`` by worker, from one scrape of the merged /metrics."""
-        status, body, _ = http_get(self.url + "/metrics")
-        assert status == 200
-        values: dict[int, float] = {}
-        pattern = re.compile(rf'^{name}\{{worker="(\d+)"\}} (\S+)$', re.M)
-        for worker, value in pattern.findall(body):
-            values[int(worker)] = float(value)
-        return values
-
-
-@contextlib.contextmanager
-def supervisor(redis: RedisServer, **env: str) -> Iterator[SupervisorProcess]:
-    proc = SupervisorProcess(
-        {
-            "RTG_WORKERS": "2",
-            "RTG_BROKER_URL": redis.url,
-            "RTG_STATS_INTERVAL_S": "0",
-            "RTG_DRAIN_WINDOW_S": "0.2",
-            "RTG_DRAIN_TIMEOUT_S": "5",
-            **env,
-        }
-    )
-    proc.start(timeout=30)
-    try:
-        yield proc
-    finally:
-        proc.kill()
-
-
 # Clients.
 
 
+@pytest.fixture(autouse=True)
+async def drop_clients() -> AsyncIterator[None]:
+    """Clients still open at the end of a test are aborted, on its own loop, before it closes."""
+    yield
+    while Client.opened:
+        Client.opened.pop().ws.transport.abort()
+
+
 class Client:
-    """A room-protocol client that keeps the messages it reads while awaiting replies."""
+    """A room-protocol client that keeps the messages it reads while awaiting replies.
+
+    Every one made is kept in :attr:`opened`; the clients a test leaves open
+    are dropped at its end (:func:`drop_clients`).
+    """
 
     ids = itertools.count(1)
+    opened: ClassVar[list[Client]] = []
 
     def __init__(self, ws: ClientConnection, hello: dict[str, Any]) -> None:
         self.ws = ws
         self.hello = hello
         self.messages: list[dict[str, Any]] = []
         self.worker = -1
+        Client.opened.append(self)
 
     @classmethod
     async def connect(cls, url: str) -> Client:
@@ -184,7 +139,7 @@ async def in_step(clients: list[Client], room: str = ROOM) -> None:
     async with asyncio.timeout(15):
         while True:
             await publisher.publish("probe", room)
-            await asyncio.sleep(0.05)
+            # Each client not served yet waits a moment for the probe (_has_message).
             ready = [bool(c.messages) or await _has_message(c) for c in clients]
             if all(ready):
                 break
@@ -234,6 +189,7 @@ async def interleaved_publishes(
 
 
 def test_workers_without_a_broker_refuse_to_start() -> None:
+    """RTG_WORKERS=2 without RTG_BROKER_URL exits 2 with one line naming it."""
     proc = subprocess.run(
         [sys.executable, "-m", "rtgateway"],
         env={**os.environ, "RTG_WORKERS": "2", "RTG_BROKER_URL": "", "RTG_ADDR": "127.0.0.1:0"},
@@ -248,7 +204,8 @@ def test_workers_without_a_broker_refuse_to_start() -> None:
 
 
 async def test_workers_share_a_room_in_one_order(redis_server: RedisServer) -> None:
-    with supervisor(redis_server) as gw:
+    """Two workers share a room: both publish and both see one order; one scrape covers both."""
+    with supervisor(redis_server.url) as gw:
         a, b = await clients_on_each_worker(gw)
         await in_step([a, b])
         streams = await interleaved_publishes([a, b], 25)
@@ -269,7 +226,8 @@ async def test_workers_share_a_room_in_one_order(redis_server: RedisServer) -> N
 async def test_killed_worker_is_replaced_while_the_other_serves(
     redis_server: RedisServer,
 ) -> None:
-    with supervisor(redis_server) as gw:
+    """A SIGKILLed worker is replaced while the other serves; the replacement shares rooms again."""
+    with supervisor(redis_server.url) as gw:
         a, b = await clients_on_each_worker(gw)
         await in_step([a, b])
         old_pid = gw.worker_pid(a.worker)
@@ -301,7 +259,8 @@ async def test_killed_worker_is_replaced_while_the_other_serves(
 
 
 async def test_redis_restart_gives_unavailable_then_recovers(redis_server: RedisServer) -> None:
-    with supervisor(redis_server) as gw:
+    """Redis stopped: unavailable, pings answered; back: workers reconnect, share rooms."""
+    with supervisor(redis_server.url) as gw:
         a, b = await clients_on_each_worker(gw)
         await in_step([a, b])
         redis_server.stop()
@@ -338,7 +297,8 @@ async def test_redis_restart_gives_unavailable_then_recovers(redis_server: Redis
 
 
 async def test_sigterm_drains_every_worker(redis_server: RedisServer) -> None:
-    with supervisor(redis_server) as gw:
+    """SIGTERM to the supervisor: every worker's clients get 1012 and it exits 0."""
+    with supervisor(redis_server.url) as gw:
         clients = await clients_on_each_worker(gw)
         gw.signal(signal.SIGTERM)
         for client in clients:
@@ -362,6 +322,7 @@ async def two_hosts(redis: RedisServer) -> AsyncIterator[tuple[str, str]]:
 
 
 async def test_single_gateways_on_one_redis_share_rooms(redis_server: RedisServer) -> None:
+    """Two single gateways on one Redis share a room in one order."""
     async with two_hosts(redis_server) as (one, two):
         a = await Client.connect(one.replace("http", "ws"))
         b = await Client.connect(two.replace("http", "ws"))
@@ -384,91 +345,6 @@ async def test_single_gateway_with_redis_numbers_from_redis(redis_server: RedisS
         assert (message["seq"], message["data"]) == (1, "first")
         assert time.time() * 1000 - message["ts"] < 60_000
         await a.ws.close()
-
-
-class NotifySocket:
-    """A real ``NOTIFY_SOCKET``: what arrives on it, and from which process."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.sock.settimeout(0.2)
-        self.received: list[tuple[float, int, str]] = []  # (monotonic, sender pid, line)
-        self.closed = False
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        creds = struct.calcsize("iII")
-        while not self.closed:
-            try:
-                data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(creds))
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            pid = -1
-            for level, kind, value in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    pid = struct.unpack("iII", value[:creds])[0]
-            now = time.monotonic()
-            for line in data.decode().splitlines():
-                self.received.append((now, pid, line))
-
-    def lines(self, prefix: str) -> list[tuple[float, int, str]]:
-        return [r for r in list(self.received) if r[2].startswith(prefix)]
-
-    def close(self) -> None:
-        self.closed = True
-        self.thread.join(2)
-        self.sock.close()
-
-
-async def test_supervisor_alone_speaks_to_systemd(
-    redis_server: RedisServer, tmp_path: Path
-) -> None:
-    notify = NotifySocket(str(tmp_path / "notify"))
-    try:
-        env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"}
-        with supervisor(redis_server, **env) as gw:
-            assert gw.proc is not None
-            await asyncio.to_thread(wait_until, lambda: notify.lines("READY=1"), 10, what="READY=1")
-            events = [e.get("event") for e in gw.events]
-            ready_at = events.index("supervisor_ready")
-            assert events[:ready_at].count("worker_ready") == 2
-            # Workers never get NOTIFY_SOCKET: everything comes from the supervisor.
-            assert {pid for _, pid, _ in notify.received} == {gw.proc.pid}
-            assert len(notify.lines("READY=1")) == 1
-
-            def fed_since(moment: float) -> bool:
-                return any(t > moment for t, _, _ in notify.lines("WATCHDOG=1"))
-
-            start = time.monotonic()
-            await asyncio.to_thread(wait_until, lambda: fed_since(start), 10, what="WATCHDOG=1")
-            # A stalled worker stops the feeding: systemd would restart the service.
-            stalled = gw.worker_pid(0)
-            os.kill(stalled, signal.SIGSTOP)
-            try:
-                await asyncio.to_thread(
-                    wait_until,
-                    lambda: not fed_since(time.monotonic() - 1.5),
-                    30,
-                    what="the watchdog no longer fed",
-                )
-            finally:
-                os.kill(stalled, signal.SIGCONT)
-            resumed = time.monotonic()
-            await asyncio.to_thread(
-                wait_until, lambda: fed_since(resumed), 15, what="feeding resumed"
-            )
-            gw.signal(signal.SIGTERM)
-            assert await asyncio.to_thread(gw.wait, 20) == 0
-            assert notify.lines("STOPPING=1")
-            assert {pid for _, pid, _ in notify.received} == {gw.proc.pid}
-    finally:
-        notify.close()
 
 
 async def test_hung_redis_gives_an_answer_not_a_hang(redis_server: RedisServer) -> None:
@@ -507,8 +383,9 @@ def _post_json(url: str, body: Any) -> tuple[int, Any]:
 async def test_publish_api_on_worker_zero_reaches_every_worker(
     redis_server: RedisServer,
 ) -> None:
+    """The publish API, served by worker 0, reaches members on every worker with one seq."""
     api_port = free_port()
-    with supervisor(redis_server, RTG_API_ADDR=f"127.0.0.1:{api_port}") as gw:
+    with supervisor(redis_server.url, RTG_API_ADDR=f"127.0.0.1:{api_port}") as gw:
         a, b = await clients_on_each_worker(gw)
         await in_step([a, b])
         url = f"http://127.0.0.1:{api_port}/api/publish"
@@ -521,7 +398,7 @@ async def test_publish_api_on_worker_zero_reaches_every_worker(
 
 async def test_sigterm_to_every_process_at_once_still_drains(redis_server: RedisServer) -> None:
     """systemd's default KillMode=control-group signals the workers too, not only the main PID."""
-    with supervisor(redis_server, RTG_DRAIN_WINDOW_S="2") as gw:
+    with supervisor(redis_server.url, RTG_DRAIN_WINDOW_S="2") as gw:
         assert gw.proc is not None
         clients = await clients_on_each_worker(gw)
         for index in (0, 1):
@@ -547,32 +424,3 @@ async def test_sigterm_to_every_process_at_once_still_drains(redis_server: Redis
         exits = [e for e in gw.events if e.get("event") == "worker_exited"]
         assert sorted(e["worker"] for e in exits) == [0, 1]
         assert all(e["returncode"] == 0 for e in exits), exits
-
-
-def test_supervisor_exits_1_when_workers_cannot_start(tmp_path: Path) -> None:
-    # Every worker process dies at interpreter start-up (a sitecustomize that
-    # exits when it sees the worker index), as a missing dependency would.
-    (tmp_path / "sitecustomize.py").write_text(
-        "import os, sys\nif os.environ.get('RTG_WORKER_INDEX'):\n    sys.exit(1)\n"
-    )
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(tmp_path),
-        "RTG_WORKERS": "2",
-        "RTG_BROKER_URL": "redis://127.0.0.1:1",
-        "RTG_ADDR": "127.0.0.1:0",
-        "RTG_API_ADDR": "",
-        "RTG_LOG_FORMAT": "json",
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "rtgateway"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=Path(__file__).parent.parent,
-    )
-    assert result.returncode == 1
-    events = [_parse(line).get("event") for line in result.stdout.splitlines()]
-    assert "worker_start_failed" in events
-    assert "supervisor_ready" not in events

@@ -12,6 +12,7 @@ from rtgateway.client import Client
 async def test_three_clients_in_lobby_see_every_message_in_one_order(
     gateway: RunningGateway,
 ) -> None:
+    """Three clients publishing at once in one room all see every message in one order."""
     clients = [await Client.open(gateway.ws_url) for _ in range(3)]
     for c in clients:
         await c.join("lobby")

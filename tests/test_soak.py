@@ -25,6 +25,7 @@ MAX_RSS_GROWTH_MIB = 24
 
 @pytest.mark.timeout(240)
 def test_short_soak_loses_nothing_and_returns_to_its_baseline(tmp_path: Path) -> None:
+    """A 40 s soak loses nothing and the gateway returns to its baseline after."""
     report_path = tmp_path / "soak.json"
     done = subprocess.run(
         [

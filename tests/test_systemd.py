@@ -77,6 +77,7 @@ def exposure(output: str) -> float:
 
 
 def test_unit_passes_systemd_analyze_verify_with_no_output(tmp_path: Path) -> None:
+    """systemd-analyze verify has nothing to say about the unit."""
     analyze = require_tool("systemd-analyze")
     # The unit names /opt/rtgateway, which only an install creates (the system
     # tests verify that copy); here it points at this environment's gateway.
@@ -93,6 +94,7 @@ def test_unit_passes_systemd_analyze_verify_with_no_output(tmp_path: Path) -> No
 
 
 def test_unit_exposure_score_is_at_most_2_0() -> None:
+    """systemd-analyze security rates the unit's exposure at most 2.0."""
     analyze = require_tool("systemd-analyze")
     result = subprocess.run(
         [analyze, "security", "--offline=yes", f"--threshold={round(MAX_EXPOSURE * 10)}", UNIT],
@@ -105,6 +107,7 @@ def test_unit_exposure_score_is_at_most_2_0() -> None:
 
 
 def test_unit_is_a_notify_service_with_watchdog_restart_and_file_limit() -> None:
+    """The unit is Type=notify, restarts on failure, has a watchdog and a file limit."""
     unit = unit_settings(UNIT.read_text())
     assert unit["Type"] == ["notify"]
     assert unit["KillSignal"] == ["SIGTERM"]
@@ -118,6 +121,7 @@ def test_unit_is_a_notify_service_with_watchdog_restart_and_file_limit() -> None
 
 
 def test_stop_timeout_outlasts_the_default_drain() -> None:
+    """TimeoutStopSec outlasts the slowest drain the defaults allow."""
     unit = unit_settings(UNIT.read_text())
     defaults = Config()
     # A single gateway gives up at the drain timeout; a supervisor (RTG_WORKERS
@@ -127,6 +131,7 @@ def test_stop_timeout_outlasts_the_default_drain() -> None:
 
 
 def test_env_example_lists_every_setting_with_its_default() -> None:
+    """The environment file example lists every setting, commented, with its default."""
     lines = ENV_EXAMPLE.read_text().splitlines()
     commented = dict(
         line[1:].split("=", 1) for line in lines if re.match(r"#RTG_[A-Z0-9_]+=", line)
@@ -141,6 +146,7 @@ def test_env_example_lists_every_setting_with_its_default() -> None:
 
 
 def test_sysctl_dropin_explains_every_key_and_names_real_ones() -> None:
+    """The sysctl drop-in explains each key, and each key exists in the kernel."""
     lines = SYSCTL.read_text().splitlines()
     keys = []
     for i, line in enumerate(lines):
@@ -157,6 +163,7 @@ def test_sysctl_dropin_explains_every_key_and_names_real_ones() -> None:
 
 
 def test_install_script_parses() -> None:
+    """The install script parses as bash."""
     result = subprocess.run(["bash", "-n", INSTALL], capture_output=True, text=True)
     assert (result.returncode, result.stderr) == (0, "")
 
@@ -347,6 +354,7 @@ def appliance(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 def test_install_keeps_the_operators_settings_and_the_unit_verifies(
     appliance: Appliance,
 ) -> None:
+    """Installing keeps the operator's settings and installs a unit that verifies."""
     run = appliance.machine.run
     assert f"RTG_ADDR=127.0.0.1:{appliance.port}" in run("cat", "/etc/default/rtgateway").stdout
     assert run("cat", "/etc/sysctl.d/60-rtgateway.conf").stdout == SYSCTL.read_text()
@@ -366,6 +374,7 @@ def test_install_keeps_the_operators_settings_and_the_unit_verifies(
 def test_start_returns_once_ready_and_the_sandbox_keeps_process_metrics(
     appliance: Appliance,
 ) -> None:
+    """systemctl start returns once READY=1, and the sandbox keeps process metrics."""
     appliance.systemctl("stop", "rtgateway.service")
     appliance.start()
     # No waiting: Type=notify means `start` returned after READY=1, which the
@@ -388,6 +397,7 @@ def test_start_returns_once_ready_and_the_sandbox_keeps_process_metrics(
 
 @pytest.mark.system
 async def test_status_shows_the_connection_count(appliance: Appliance) -> None:
+    """systemctl status shows the gateway's STATUS with its connection count."""
     await asyncio.to_thread(appliance.start)
     clients = [await connect(appliance.ws_url) for _ in range(3)]
     try:
@@ -410,6 +420,7 @@ async def test_status_shows_the_connection_count(appliance: Appliance) -> None:
 
 @pytest.mark.system
 def test_journal_holds_the_gateways_json_log_lines(appliance: Appliance) -> None:
+    """The journal holds the gateway's JSON log lines."""
     appliance.start()
 
     def gateway_lines() -> list[str]:
@@ -439,6 +450,7 @@ async def _closed(ws: ClientConnection) -> tuple[int, str]:
 
 @pytest.mark.system
 async def test_stop_closes_open_websockets_with_1012_and_exits_0(appliance: Appliance) -> None:
+    """systemctl stop closes every WebSocket 1012 and the service exits 0."""
     await asyncio.to_thread(appliance.start)
     clients = [await connect(appliance.ws_url) for _ in range(5)]
     for ws in clients:
@@ -463,6 +475,7 @@ async def test_stop_closes_open_websockets_with_1012_and_exits_0(appliance: Appl
 
 @pytest.mark.system
 def test_kill_9_of_the_main_process_is_restarted(appliance: Appliance) -> None:
+    """SIGKILL of the main process is restarted by systemd."""
     appliance.start()
     before = appliance.machine.show("MainPID", "NRestarts")
     appliance.machine.run("kill", "-KILL", before["MainPID"])
@@ -475,6 +488,7 @@ def test_kill_9_of_the_main_process_is_restarted(appliance: Appliance) -> None:
 def test_a_stalled_event_loop_trips_the_watchdog_and_is_restarted(
     appliance: Appliance,
 ) -> None:
+    """A stalled event loop stops feeding the watchdog and systemd restarts the service."""
     dropin = "/run/systemd/system/rtgateway.service.d/50-test-watchdog.conf"
     appliance.machine.write(dropin, "[Service]\nWatchdogSec=2s\nTimeoutAbortSec=5s\n")
     try:
@@ -483,7 +497,8 @@ def test_a_stalled_event_loop_trips_the_watchdog_and_is_restarted(
         appliance.systemctl("restart", "rtgateway.service")
         before = appliance.machine.show("MainPID", "NRestarts", "WatchdogUSec")
         assert before["WatchdogUSec"] == "2s"
-        # A live loop feeds the watchdog: the service outlives several periods.
+        # A live loop feeds the watchdog: the service outlives several periods (time
+        # passing is the condition).
         time.sleep(5)
         assert appliance.machine.show("MainPID", "NRestarts") == {
             "MainPID": before["MainPID"],
@@ -530,6 +545,7 @@ def _answers_ping(port: int) -> bool:
 async def test_workers_run_under_the_sandbox_and_drain_on_stop(
     appliance: Appliance, redis_url: str
 ) -> None:
+    """RTG_WORKERS=2 runs under the sandbox and drains on stop."""
     machine = appliance.machine
     dropin = "/run/systemd/system/rtgateway.service.d/50-test-workers.conf"
     machine.write(dropin, f"[Service]\nEnvironment=RTG_WORKERS=2 RTG_BROKER_URL={redis_url}\n")
@@ -567,6 +583,7 @@ async def test_workers_run_under_the_sandbox_and_drain_on_stop(
 def test_reinstall_is_a_no_op_and_uninstall_removes_all_but_the_settings(
     appliance: Appliance,
 ) -> None:
+    """Reinstalling changes nothing; uninstalling removes everything but the settings."""
     run = appliance.machine.run
     appliance.start()
     pid = appliance.machine.show("MainPID")["MainPID"]

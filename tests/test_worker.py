@@ -188,6 +188,7 @@ async def test_fetch_reads_a_siblings_whole_reply(tmp_path: Path) -> None:
 
 
 def test_merge_labels_every_series_by_worker_and_marks_the_silent_ones() -> None:
+    """merge() labels every series by worker, keeps one TYPE line, and marks silent workers 0."""
     text = b'# HELP a_total A.\n# TYPE a_total counter\na_total{k="v"} 3.0\n'
     merged = merge({0: text, 1: None, 2: text}).decode()
     assert 'a_total{k="v",worker="0"} 3.0' in merged

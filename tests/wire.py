@@ -20,7 +20,7 @@ import json
 import os
 import socket
 import struct
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = [
     "OP_BINARY",
@@ -183,11 +183,19 @@ class HandshakeRefused(Exception):
 
 
 class RawConnection:
-    """One WebSocket connection driven frame by frame."""
+    """One WebSocket connection driven frame by frame.
+
+    Every one made is remembered in :attr:`opened` until :meth:`reset_all`,
+    which the suite calls at the end of each test (``conftest.py``): a raw
+    client a test leaves open is reset then, on the test's own event loop.
+    """
+
+    opened: ClassVar[list[RawConnection]] = []
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        RawConnection.opened.append(self)
         self.frames = FrameReader()
         self.pending: list[Frame] = []
         self.status = 0
@@ -301,9 +309,10 @@ class RawConnection:
 
     def abort(self) -> None:
         """Close with a TCP RST (SO_LINGER 0): the peer sees a reset, not a FIN."""
-        sock = self.writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
+        # Idempotent: a second abort (a test's, then its fixture's) changes nothing.
+        with contextlib.suppress(OSError, ValueError):  # ValueError: uvloop, already closed
+            sock = self.writer.get_extra_info("socket")
+            if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.writer.transport.abort()
 
@@ -311,6 +320,15 @@ class RawConnection:
         self.writer.close()
         with contextlib.suppress(OSError):
             await self.writer.wait_closed()
+
+    @classmethod
+    def reset_all(cls) -> int:
+        """Reset every connection still open; how many there were."""
+        left = [conn for conn in cls.opened if not conn.writer.transport.is_closing()]
+        cls.opened.clear()
+        for conn in left:
+            conn.abort()
+        return len(left)
 
 
 async def http_exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
