@@ -47,7 +47,7 @@ from .http import load_static
 from .log import get_logger
 from .metrics import Metrics
 from .notify import Notifier, watchdog_interval
-from .outbox import WRITE_THROUGH_BYTES, Flusher
+from .outbox import Flusher
 from .rooms import Hub
 from .state import Context, Limits, ServerState
 from .worker import HostMetrics, WorkerInfo, WorkerSocket
@@ -154,7 +154,6 @@ class Gateway:
             # RTG_MAX_CONNECTIONS says, so that sockets that never finish a
             # handshake are bounded by their own budget, not by this one.
             max_sockets=derived + reserve // 2,
-            max_write_buffer_bytes=self.config.outbox_max_bytes + WRITE_THROUGH_BYTES + 64 * 1024,
         )
         self.log.info(
             "limits",

@@ -56,6 +56,7 @@ from typing import Any
 from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.frames import BINARY, CONT, PONG, TEXT, CloseCode, Frame
 from websockets.protocol import CONNECTING, OPEN
+from websockets.server import ServerProtocol
 
 from .errors import (
     ABORTED,
@@ -73,7 +74,7 @@ from .session import Echo, Handler, Session
 from .state import Context, ServerState
 from .wheel import Wheel
 
-__all__ = ["MAX_FRAGMENTS", "GatewayConnection", "Listener"]
+__all__ = ["MAX_FRAGMENTS", "GatewayConnection", "Listener", "disconnect_of"]
 
 # Fragments of one message, as websockets' assembler allows (WEBSOCKETS_MAX_FRAGMENTS).
 MAX_FRAGMENTS = 4096
@@ -137,23 +138,12 @@ class GatewayConnection(Accepted):
         ctx = self.port.ctx
         self.port.state.session_closed(outbox)
         outbox.discard()
-        disconnect = outbox.disconnect or self._protocol_disconnect()
+        disconnect = disconnect_of(self.protocol, outbox)
         ctx.metrics.connection_closed(disconnect)
         if self.port.debug:
             self._log().debug(
                 "connection_closed", reason=disconnect.label, code=self.protocol.close_code
             )
-
-    def _protocol_disconnect(self) -> Disconnect:
-        """Why the connection ended when the gateway did not end it: what the protocol saw."""
-        exc = self.protocol.parser_exc
-        if isinstance(exc, PayloadTooBig):
-            return MESSAGE_TOO_LARGE
-        if isinstance(exc, (ProtocolError, UnicodeDecodeError)):
-            return PROTOCOL_ERROR  # 1002, or 1007 for a close reason that is not UTF-8
-        if self.protocol.close_rcvd is not None:
-            return CLIENT_CLOSE
-        return ABORTED
 
     def _open(self, path: str) -> None:
         """The upgrade is done: the outbox, the handler, keepalive."""
@@ -377,6 +367,20 @@ class GatewayConnection(Accepted):
 
     def _log(self) -> Any:
         return self.port.ctx.log.bind(conn_id=self.conn_id, peer=_peer(self.transport))
+
+
+def disconnect_of(protocol: ServerProtocol, outbox: Outbox) -> Disconnect:
+    """Why a connection ended: the gateway's own reason, else what the protocol stopped on."""
+    if outbox.disconnect is not None:
+        return outbox.disconnect
+    exc = protocol.parser_exc
+    if isinstance(exc, PayloadTooBig):
+        return MESSAGE_TOO_LARGE
+    if isinstance(exc, (ProtocolError, UnicodeDecodeError)):
+        return PROTOCOL_ERROR  # 1002, or 1007 for a close reason that is not UTF-8
+    if protocol.close_rcvd is not None:
+        return CLIENT_CLOSE
+    return ABORTED
 
 
 def _peer(transport: asyncio.BaseTransport | None) -> str:
