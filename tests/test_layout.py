@@ -82,8 +82,7 @@ def test_pure_modules_import_only_what_they_are_allowed() -> None:
 
 
 def test_only_the_client_uses_websockets_asyncio_layer() -> None:
-    """The gateway drives websockets' sans-I/O protocol itself (connection.py); only the
-    client library is built on websockets' asyncio layer."""
+    """The gateway drives websockets' sans-I/O protocol itself: only the client uses its asyncio."""
     users = sorted(
         module
         for module in MODULES
