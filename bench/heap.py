@@ -52,6 +52,7 @@ def serve() -> None:
     signal.signal(signal.SIGUSR1, snapshot)
     if os.environ.get("HEAP_GATEWAY_SRC"):
         sys.path.insert(0, os.environ["HEAP_GATEWAY_SRC"])
+        assert "rtgateway" not in sys.modules
     sys.argv = ["rtgateway"]
     runpy.run_module("rtgateway", run_name="__main__")
 
@@ -79,8 +80,6 @@ def owner(trace: tracemalloc.Traceback) -> tuple[str, str]:
 
 
 def main() -> int:
-    from bench import Load, Server
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=5000)
     parser.add_argument("--out", default="results/heap.txt")
@@ -92,6 +91,9 @@ def main() -> int:
     if args.serve:
         serve()
         return 0
+    # Not before serve(): bench imports rtgateway, and --gateway-src must come first.
+    from bench import Load, Server
+
     snap_dir = Path(args.out).parent / "heap-snapshots"
     snap_dir.mkdir(parents=True, exist_ok=True)
     for old in snap_dir.glob("snap*"):
