@@ -121,6 +121,7 @@ class Publisher:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        batch: list[Call] = []
         try:
             while True:
                 if not self.queue:
@@ -133,14 +134,19 @@ class Publisher:
                     await self._execute(batch)
                 except Exception as exc:
                     # A bug costs this batch, not publishing for good.
+                    self.sending = []
                     for call in batch:
                         call.fail(BrokerOutcomeUnknown("the gateway failed to publish"))
                     self.on_error(exc, len(batch), True)
                     await self._drop()
         finally:
+            # Stopped with a batch out: what was sent may have been published.
+            unknown = BrokerOutcomeUnknown("the gateway stopped before redis confirmed")
+            for call in self.sending:
+                call.fail(unknown)
             gone = BrokerUnavailable("the gateway is stopping")
-            for call in (*self.sending, *self.queue):
-                call.fail(gone)
+            for call in (*batch, *self.queue):
+                call.fail(gone)  # no-op for those answered already
             self.queue.clear()
             if self.conn is not None:
                 await self.conn.disconnect(nowait=True)
@@ -200,9 +206,11 @@ class Publisher:
             for call in unanswered:
                 call.fail(BrokerOutcomeUnknown("redis did not confirm the publication"))
             self.on_error(exc, len(unanswered), True)
-            await self._drop()
-        finally:
             self.sending = []
+            await self._drop()
+        # Not in a finally: a cancelled sender leaves the batch in
+        # self.sending for run() to answer "outcome unknown".
+        self.sending = []
         if again:
             self.stale = True  # load the scripts again
             self.queue.extendleft(reversed(again))

@@ -151,6 +151,7 @@ class GatewayProcess:
                 if self.ready is None and event.get("event") == self.ready_event:
                     self._on_ready(event)
         finally:
+            self.proc.stdout.close()  # else a ResourceWarning once collected
             self._settled.set()
 
     def _on_ready(self, event: dict[str, Any]) -> None:
@@ -195,7 +196,8 @@ class GatewayProcess:
             self.proc.wait(10)
 
     def __enter__(self) -> Self:
-        return self.start()
+        # ``with GatewayProcess(...).start() as gw`` must not start a second one.
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.kill()

@@ -107,20 +107,7 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
-class GatewayProcess(testing.GatewayProcess):
-    """:class:`rtgateway.testing.GatewayProcess`, closing its output pipe once the output ends.
-
-    A stopgap until rtgateway/testing.py closes the pipe itself (reported to
-    the lead): left open, it is a ResourceWarning when the object is
-    collected, and the suite turns warnings into errors.
-    """
-
-    def _read(self) -> None:
-        try:
-            super()._read()
-        finally:
-            if self.proc is not None and self.proc.stdout is not None:
-                self.proc.stdout.close()
+GatewayProcess = testing.GatewayProcess
 
 
 class SupervisorProcess(GatewayProcess):

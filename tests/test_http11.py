@@ -183,6 +183,7 @@ POST_CHUNKED = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\
 
 
 async def test_keep_alive_serves_requests_one_after_another_on_one_connection() -> None:
+    """Three requests in turn on one keep-alive connection each get their own answer."""
     async with serving() as served:
         client = await served.connect()
         for i in range(3):
@@ -195,6 +196,7 @@ async def test_keep_alive_serves_requests_one_after_another_on_one_connection() 
 
 
 async def test_response_carries_the_standard_fields_and_its_length() -> None:
+    """Every answer has Server, Content-Type, Content-Length, Cache-Control, nosniff and Date."""
     async with serving() as served:
         client = await served.connect()
         await client.send(get("/a?b=c"))
@@ -215,6 +217,7 @@ async def test_response_carries_the_standard_fields_and_its_length() -> None:
 
 
 async def test_pipelined_requests_of_every_framing_are_answered_in_order() -> None:
+    """Requests pipelined in one write, with every body framing, are answered in order."""
     async with serving() as served:
         client = await served.connect()
         wire = (
@@ -238,6 +241,7 @@ async def test_pipelined_requests_of_every_framing_are_answered_in_order() -> No
 
 
 async def test_request_sent_one_byte_at_a_time_is_read_whole() -> None:
+    """A request that arrives one byte per write is read whole."""
     async with serving() as served:
         client = await served.connect()
         for byte in post(b"slowly", "/trickle"):
@@ -247,6 +251,7 @@ async def test_request_sent_one_byte_at_a_time_is_read_whole() -> None:
 
 
 async def test_empty_lines_before_a_request_line_are_skipped_up_to_a_few() -> None:
+    """A few empty lines before a request are skipped; one more is a 400 and a close."""
     async with serving() as served:
         client = await served.connect()
         await client.send(b"\r\n" * MAX_EMPTY_LINES + get("/after"))
@@ -259,6 +264,7 @@ async def test_empty_lines_before_a_request_line_are_skipped_up_to_a_few() -> No
 
 
 async def test_http10_and_connection_close_get_one_request_per_connection() -> None:
+    """HTTP/1.0 and Connection: close get one answer, then the connection closes."""
     async with serving() as served:
         for wire in (get("/old", version=b"1.0"), get("/bye", b"Connection: close\r\n")):
             client = await served.connect()
@@ -271,6 +277,7 @@ async def test_http10_and_connection_close_get_one_request_per_connection() -> N
 
 
 async def test_while_the_handler_drains_answers_say_close_and_the_connection_closes() -> None:
+    """While the server drains, an answer says Connection: close and the connection ends."""
     async with serving() as served:
         served.recorder.draining = True
         client = await served.connect()
@@ -281,6 +288,7 @@ async def test_while_the_handler_drains_answers_say_close_and_the_connection_clo
 
 
 async def test_an_upgrade_request_is_answered_as_any_other_and_keeps_the_connection() -> None:
+    """An Upgrade request is answered as plain HTTP and the connection stays usable."""
     async with serving() as served:
         client = await served.connect()
         await client.send(get("/up", b"Upgrade: h2c\r\nConnection: Upgrade\r\n") + get("/next"))
@@ -289,6 +297,7 @@ async def test_an_upgrade_request_is_answered_as_any_other_and_keeps_the_connect
 
 
 async def test_head_gets_the_length_of_a_get_and_no_body_and_the_connection_stays_in_step() -> None:
+    """HEAD gets a GET's Content-Length without a body, and the next answer is in step."""
     async with serving() as served:
         client = await served.connect()
         await client.send(get("/x").replace(b"GET", b"HEAD", 1) + get("/y"))
@@ -302,6 +311,7 @@ async def test_head_gets_the_length_of_a_get_and_no_body_and_the_connection_stay
 
 
 async def test_chunked_body_with_extensions_and_trailers_is_assembled() -> None:
+    """A chunked body with chunk extensions and trailers is assembled into its bytes."""
     async with serving() as served:
         client = await served.connect()
         body = b"0123456789abcdef"
@@ -314,6 +324,7 @@ async def test_chunked_body_with_extensions_and_trailers_is_assembled() -> None:
 
 
 async def test_expect_100_continue_gets_an_interim_answer_before_the_body_is_sent() -> None:
+    """Expect: 100-continue gets 100 Continue before the client sends the body."""
     async with serving() as served:
         client = await served.connect()
         await client.send(
@@ -326,6 +337,7 @@ async def test_expect_100_continue_gets_an_interim_answer_before_the_body_is_sen
 
 
 async def test_expect_100_continue_over_the_limit_gets_413_and_no_interim_answer() -> None:
+    """Expect: 100-continue with a length over the limit gets 413, never 100 Continue."""
     async with serving() as served:
         client = await served.connect()
         await client.send(
@@ -338,6 +350,7 @@ async def test_expect_100_continue_over_the_limit_gets_413_and_no_interim_answer
 
 
 async def test_expect_100_continue_is_ignored_in_http10() -> None:
+    """HTTP/1.0 has no 100 Continue: the body is read and answered directly."""
     async with serving() as served:
         client = await served.connect()
         await client.send(b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi")
@@ -346,6 +359,7 @@ async def test_expect_100_continue_is_ignored_in_http10() -> None:
 
 
 async def test_content_length_over_the_limit_is_refused_before_the_body_is_sent() -> None:
+    """A Content-Length over the limit gets 413 before any body byte, the handler never called."""
     async with serving() as served:
         client = await served.connect()
         await client.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (LIMIT + 1))
@@ -358,6 +372,7 @@ async def test_content_length_over_the_limit_is_refused_before_the_body_is_sent(
 
 @pytest.mark.parametrize("width", [3, 20, 21, 40])
 async def test_content_length_with_leading_zeros_is_read_as_its_value(width: int) -> None:
+    """A Content-Length with leading zeros, of any width, is read as its value."""
     async with serving() as served:
         client = await served.connect()
         length = b"5".zfill(width)
@@ -367,6 +382,7 @@ async def test_content_length_with_leading_zeros_is_read_as_its_value(width: int
 
 
 async def test_content_length_of_5000_digits_gets_413() -> None:
+    """A Content-Length of 5000 digits gets 413, not a 500."""
     async with serving() as served:
         client = await served.connect()
         await client.send(
@@ -377,6 +393,7 @@ async def test_content_length_of_5000_digits_gets_413() -> None:
 
 
 async def test_chunked_body_is_cut_at_the_limit_while_it_streams() -> None:
+    """A chunked body is refused with 413 as soon as it passes the limit, mid-stream."""
     async with serving() as served:
         client = await served.connect()
         await client.send(POST_CHUNKED)
@@ -392,6 +409,7 @@ async def test_chunked_body_is_cut_at_the_limit_while_it_streams() -> None:
 async def test_chunk_declaring_more_than_the_limit_is_refused_before_its_bytes(
     size: bytes,
 ) -> None:
+    """A chunk whose declared size passes the limit gets 413 before its bytes come."""
     async with serving() as served:
         client = await served.connect()
         await client.send(POST_CHUNKED + size + b"\r\n")  # and none of its bytes
@@ -408,6 +426,7 @@ async def test_chunk_declaring_more_than_the_limit_is_refused_before_its_bytes(
     ],
 )
 async def test_malformed_chunk_gets_the_status_h11_gives_it(wire: bytes, status: int) -> None:
+    """A malformed chunk gets h11's status and our own error text, never h11's."""
     async with serving() as served:
         client = await served.connect()
         await client.send(POST_CHUNKED + wire)
@@ -417,6 +436,7 @@ async def test_malformed_chunk_gets_the_status_h11_gives_it(wire: bytes, status:
 
 
 async def test_a_body_left_unread_by_an_error_is_drained_before_the_close() -> None:
+    """After an early error the unread body is drained, so the close is orderly, not a reset."""
     recorder = Recorder()
     recorder.fail = HttpError(404, "nothing here")
     async with serving(recorder) as served:
@@ -436,6 +456,7 @@ async def test_a_body_left_unread_by_an_error_is_drained_before_the_close() -> N
 
 
 async def test_an_error_on_a_request_without_body_keeps_the_connection() -> None:
+    """An error answer to a request without a body keeps the connection alive."""
     recorder = Recorder()
     recorder.fail = HttpError(404, "nothing here")
     async with serving(recorder) as served:
@@ -446,6 +467,7 @@ async def test_an_error_on_a_request_without_body_keeps_the_connection() -> None
 
 
 async def test_peer_closing_inside_a_body_ends_the_connection_quietly() -> None:
+    """A peer that closes mid-body ends the connection with no answer and nothing logged."""
     async with serving() as served:
         client = await served.connect()
         await client.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
@@ -455,6 +477,7 @@ async def test_peer_closing_inside_a_body_ends_the_connection_quietly() -> None:
 
 
 async def test_an_unexpected_error_in_the_handler_is_a_500_logged_once() -> None:
+    """A bug in the handler is a 500 and a close, logged once."""
     recorder = Recorder()
     recorder.fail = RuntimeError("bug")
     async with serving(recorder) as served:
@@ -516,6 +539,7 @@ REFUSED = {
 async def test_request_that_could_be_read_two_ways_or_is_malformed_gets_400_and_close(
     wire: bytes,
 ) -> None:
+    """A head that could be framed two ways, or is malformed, gets 400 and a close."""
     async with serving() as served:
         client = await served.connect()
         await client.send(wire)
@@ -527,6 +551,7 @@ async def test_request_that_could_be_read_two_ways_or_is_malformed_gets_400_and_
 
 
 async def test_a_bare_lf_is_refused_before_the_head_ends() -> None:
+    """A bare LF is refused at once, not after the header timeout."""
     # No blank line: waiting for the end of the head would take the header timeout.
     async with serving(header_timeout_s=60.0) as served:
         client = await served.connect()
@@ -535,6 +560,7 @@ async def test_a_bare_lf_is_refused_before_the_head_ends() -> None:
 
 
 async def test_head_over_the_size_limit_gets_431() -> None:
+    """A head over the size limit gets 431 and a close."""
     async with serving() as served:
         client = await served.connect()
         await client.send(get("/", b"X-Big: " + b"a" * MAX_HEAD_BYTES + b"\r\n"))
@@ -544,6 +570,7 @@ async def test_head_over_the_size_limit_gets_431() -> None:
 
 
 async def test_head_without_an_end_gets_431_once_past_the_size_limit() -> None:
+    """A head that never ends gets 431 once it passes the size limit."""
     async with serving() as served:
         client = await served.connect()
         await client.send(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * MAX_HEAD_BYTES)
@@ -551,6 +578,7 @@ async def test_head_without_an_end_gets_431_once_past_the_size_limit() -> None:
 
 
 async def test_header_fields_are_counted_up_to_the_limit() -> None:
+    """The maximum number of header fields is accepted; one more gets 431."""
     async with serving() as served:
         client = await served.connect()
         fields = b"".join(b"X-%d: 1\r\n" % i for i in range(MAX_HEADERS - 1))  # and Host
@@ -563,6 +591,7 @@ async def test_header_fields_are_counted_up_to_the_limit() -> None:
 
 
 async def test_repeated_fields_are_joined_and_names_lowercased() -> None:
+    """Repeated fields are joined with commas, names lowercased, obs-text read as latin-1."""
     async with serving() as served:
         client = await served.connect()
         await client.send(get("/", b"Accept: a\r\nACCEPT: b\r\nX-Odd-Bytes: \xff\r\n"))
@@ -576,6 +605,7 @@ async def test_repeated_fields_are_joined_and_names_lowercased() -> None:
 
 
 async def test_a_slow_head_gets_408_and_is_closed() -> None:
+    """A head not complete within the header timeout gets 408 and a close."""
     async with serving(header_timeout_s=0.3) as served:
         client = await served.connect()
         await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and never the end
@@ -585,6 +615,7 @@ async def test_a_slow_head_gets_408_and_is_closed() -> None:
 
 
 async def test_a_slow_body_gets_408_and_is_closed() -> None:
+    """A body not complete within the body timeout gets 408 and a close."""
     async with serving(body_timeout_s=0.3) as served:
         client = await served.connect()
         await client.send(POST_CHUNKED + b"5\r\nab")
@@ -594,6 +625,7 @@ async def test_a_slow_body_gets_408_and_is_closed() -> None:
 
 
 async def test_an_idle_connection_is_closed_quietly() -> None:
+    """A connection idle past the timeout, before or after a request, is closed unanswered."""
     async with serving(header_timeout_s=0.3, idle_timeout_s=0.3) as served:
         silent = await served.connect()
         assert await silent.closed()
@@ -608,6 +640,7 @@ async def test_an_idle_connection_is_closed_quietly() -> None:
 
 
 async def test_a_connection_past_the_limit_gets_503_and_is_closed() -> None:
+    """A connection past the limit gets 503 with Retry-After at once, then a close."""
     async with serving(max_connections=1) as served:
         held = await served.connect()
         await held.send(get())
@@ -622,6 +655,7 @@ async def test_a_connection_past_the_limit_gets_503_and_is_closed() -> None:
 
 
 async def test_a_connection_past_twice_the_limit_is_dropped_unanswered() -> None:
+    """Past twice the limit a connection is closed without an answer, still counted."""
     async with serving(max_connections=0) as served:
         client = await served.connect()
         assert await client.closed()
@@ -629,6 +663,7 @@ async def test_a_connection_past_twice_the_limit_is_dropped_unanswered() -> None
 
 
 async def test_stopping_closes_idle_connections_at_once() -> None:
+    """Stopping the server closes idle keep-alive connections at once."""
     async with serving() as served:
         client = await served.connect()
         await client.send(get())

@@ -20,10 +20,6 @@ from support import ROOT, require
 
 pytestmark = [
     pytest.mark.system,
-    # k6/smoke.py starts its gateway with rtgateway.testing.GatewayProcess, which leaves
-    # its output pipe open (reported to the lead; tests/support.py works around it for
-    # the tests' own gateways). Nothing else of these tests may warn.
-    pytest.mark.filterwarnings("ignore:unclosed file <_io.TextIOWrapper:ResourceWarning"),
 ]
 
 

@@ -125,16 +125,10 @@ def test_every_module_has_its_test_module() -> None:
     assert [m for m in MODULES if not where_tested(m).exists()] == []
 
 
-# Test modules whose docstrings are still their author's to write (reported to the lead).
-UNDOCUMENTED = {"test_http11.py"}
-
-
 def test_every_test_says_in_one_line_what_it_shows() -> None:
     """Each test function has a one-line docstring stating the behaviour it shows."""
     missing = []
     for path in sorted(TESTS.glob("test_*.py")):
-        if path.name in UNDOCUMENTED:
-            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith(
                 "test"

@@ -213,11 +213,6 @@ def test_a_scripts_sha_is_the_sha1_of_its_source() -> None:
     assert Script("return 1").sha == "e0e1f9fabfc9d4800c877a703b823ac0578ff8db"
 
 
-@pytest.mark.xfail(
-    reason="publisher.py: _execute's `finally: self.sending = []` runs before run()'s finally, "
-    "so a call in flight when the sender stops is never answered (reported to the lead)",
-    raises=TimeoutError,
-)
 async def test_a_call_in_flight_when_the_publisher_stops_is_answered_outcome_unknown(
     redis_server: RedisServer,
 ) -> None:

@@ -66,10 +66,16 @@ def test_the_open_files_limit_is_set_before_the_gateway_starts() -> None:
         assert limits["nofile_soft"] == 256
 
 
-@pytest.mark.xfail(
-    reason="testing.py: the output pipe is never closed (a ResourceWarning once collected; "
-    "reported to the lead, worked around in tests/support.py)",
-)
+def test_entering_a_started_gateway_does_not_start_another() -> None:
+    """``with GatewayProcess().start() as gw`` runs one process, the one it started."""
+    gw = testing.GatewayProcess().start()
+    first = gw.proc
+    assert first is not None
+    with gw as entered:
+        assert entered.proc is first
+    assert first.poll() is not None
+
+
 def test_the_output_pipe_is_closed_once_the_gateway_is_gone() -> None:
     """Nothing of a stopped gateway stays open in the process that ran it."""
     gw = testing.GatewayProcess().start()
