@@ -35,9 +35,9 @@ coroutine, an assembler and two deques:
 websockets' internals relied on (websockets 17, pinned in pyproject.toml):
 ``Protocol.writes`` (checked before ``data_to_send()``: no call per read),
 ``parser``, ``Protocol.parse`` and ``StreamReader.at_eof`` (the parser is
-restarted between frames, after the handshake, at each keepalive ping and
-at its pong, so that it keeps neither the request nor the last frame), ``parser_exc``,
-``handshake_exc``, ``close_rcvd``.
+restarted between frames, after the handshake, at each keepalive ping and at
+its pong, so that it keeps neither the request nor the last frame),
+``parser_exc``, ``handshake_exc``, ``close_rcvd``.
 
 :class:`Listener` is the WebSocket port: its listening sockets and what every
 connection shares (context, state, wheel, and the publications in flight,
