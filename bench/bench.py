@@ -614,6 +614,9 @@ def main() -> int:
         "cpus": len(os.sched_getaffinity(0)),
         "python": sys.version.split()[0],
         "elapsed_s": round(time.monotonic() - started, 1),
+        # What "gateway" and "baseline" were in this run (a saved file says it itself).
+        "gateway_src": GATEWAY_SRC[0] or "this checkout",
+        "baseline": f"rtgateway in {VERSUS[0]} (--versus)" if VERSUS else "stock websockets",
         "rows": rows,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 """Where an idle connection's bytes go: tracemalloc inside a gateway subprocess.
 
     python bench/heap.py --connections 5000 --out results/heap.txt   # `make bench-heap`
+    python bench/heap.py --gateway-src DIR ...   # the rtgateway package in DIR (an A/B)
 
 Runs the gateway (``python bench/heap.py --serve`` wraps ``python -m rtgateway``
 with tracemalloc on), takes a snapshot with no client, connects the clients
@@ -49,6 +50,9 @@ def serve() -> None:
         taken += 1
 
     signal.signal(signal.SIGUSR1, snapshot)
+    if os.environ.get("HEAP_GATEWAY_SRC"):
+        sys.path.insert(0, os.environ["HEAP_GATEWAY_SRC"])
+        assert "rtgateway" not in sys.modules
     sys.argv = ["rtgateway"]
     runpy.run_module("rtgateway", run_name="__main__")
 
@@ -76,21 +80,27 @@ def owner(trace: tracemalloc.Traceback) -> tuple[str, str]:
 
 
 def main() -> int:
-    from bench import Load, Server
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=5000)
     parser.add_argument("--out", default="results/heap.txt")
+    parser.add_argument(
+        "--gateway-src", default=None, help="profile the rtgateway package found in this directory"
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve()
         return 0
+    # Not before serve(): bench imports rtgateway, and --gateway-src must come first.
+    from bench import Load, Server
+
     snap_dir = Path(args.out).parent / "heap-snapshots"
     snap_dir.mkdir(parents=True, exist_ok=True)
     for old in snap_dir.glob("snap*"):
         old.unlink()
     os.environ["HEAP_SNAPSHOT_DIR"] = str(snap_dir.resolve())
+    if args.gateway_src:
+        os.environ["HEAP_GATEWAY_SRC"] = str(Path(args.gateway_src).resolve())
     server = Server("gateway", "rooms", argv=[str(Path(__file__).resolve()), "--serve"])
     n = args.connections
     load = Load(max(1, -(-n // 9000)))
@@ -116,6 +126,7 @@ def main() -> int:
     traced = sum(by_package.values())
     lines = [
         f"{connected} idle connections, each joined to one room (tracemalloc, {FRAMES} frames)",
+        f"gateway: the rtgateway package in {args.gateway_src or 'this checkout'}",
         f"RSS growth:    {(rss1 - rss0) / 1024 / connected:8.2f} KiB per connection "
         "(with tracemalloc's own overhead)",
         f"traced growth: {traced / 1024 / connected:8.2f} KiB per connection",

@@ -24,3 +24,4 @@ bench-profile: venv
 ## tracemalloc breakdown of the memory of idle connections: results/heap.txt
 bench-heap: runtime
 	$(BIN)/python bench/heap.py --connections 5000 --out results/heap.txt
+	$(BIN)/python bench/heap_objects.py | tee results/heap-objects.txt

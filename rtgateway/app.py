@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import math
 import platform
 import random
@@ -37,7 +36,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from websockets.asyncio.server import Server, serve
 from websockets.version import version as websockets_version
 
 from . import __version__
@@ -45,9 +43,9 @@ from . import namespaces as namespaces_
 from .admission import Admission
 from .api import ApiServer
 from .config import Config
-from .connection import GatewayConnection, serve_connection
+from .connection import GatewayConnection, Listener
 from .errors import DRAIN
-from .http import load_static, process_request, process_response
+from .http import load_static
 from .log import get_logger
 from .metrics import Metrics
 from .moderation import Moderator
@@ -67,7 +65,6 @@ __all__ = ["Gateway", "raise_nofile_limit"]
 LAG_SAMPLE_INTERVAL_S = 0.25
 STATUS_INTERVAL_S = 2.0
 DRAIN_TICK_S = 0.05
-WRITE_LIMIT_BYTES = 64 * 1024
 BROKER_START_WAIT_S = 2.0
 MAX_DERIVED_PENDING = 4096
 
@@ -134,7 +131,7 @@ class Gateway:
         # Made by start():
         self.ctx: Context | None = None
         self.state: ServerState | None = None
-        self.server: Server | None = None
+        self.listener: Listener | None = None
         self.api: ApiServer | None = None
         self.tasks: set[asyncio.Task[None]] = set()  # the background loops
         self.cancelled = 0  # how many of them the stop cancelled
@@ -176,7 +173,6 @@ class Gateway:
             # RTG_MAX_CONNECTIONS says, so that sockets that never finish a
             # handshake are bounded by their own budget, not by this one.
             max_sockets=derived + reserve // 2,
-            max_write_buffer_bytes=self.config.outbox_max_bytes + WRITE_LIMIT_BYTES + 64 * 1024,
         )
         self.log.info(
             "limits",
@@ -260,39 +256,23 @@ class Gateway:
         self.ready.set()
 
     async def _serve_websockets(self, ctx: Context, state: ServerState) -> None:
-        config = ctx.config
-        host, port = config.host_port
-        self.server = await serve(
-            functools.partial(serve_connection, ctx, state),
+        # Our own connection (connection.py) on the loop's server: no
+        # compression (memory per connection, and decompression bombs), no
+        # subprotocol, limits and deadlines from the config.
+        host, port = ctx.config.host_port
+        listener = self.listener = Listener(ctx, state)
+        self._stack.push_async_callback(self._close_listener, listener)
+        await listener.start(
             host or None,
             port,
-            # A factory, not a class: websockets calls it as it would the class.
-            create_connection=functools.partial(  # type: ignore[arg-type]
-                GatewayConnection, ctx=ctx, state=state
-            ),
-            process_request=functools.partial(process_request, ctx, state),
-            process_response=functools.partial(process_response, ctx),
-            server_header=ctx.server_name,
-            compression=None,  # memory per connection, and decompression bombs
-            max_size=config.max_message_bytes,
-            max_queue=16,
-            write_limit=WRITE_LIMIT_BYTES,
-            ping_interval=config.ping_interval_s or None,
-            ping_timeout=config.ping_timeout_s or None,
-            open_timeout=config.open_timeout_s,
-            close_timeout=config.close_timeout_s,
-            backlog=config.backlog,
+            backlog=ctx.config.backlog,
             # Workers share the port; the kernel spreads connections over them.
-            reuse_port=config.workers > 1,
+            reuse_port=ctx.config.workers > 1,
         )
-        self._stack.push_async_callback(self._close_listener, self.server)
-        self.addresses = [_format_addr(s.getsockname()) for s in self.server.sockets]
+        self.addresses = [_format_addr(s.getsockname()) for s in listener.sockets]
 
-    async def _close_listener(self, server: Server) -> None:
-        server.close(close_connections=False)
-        try:
-            await asyncio.wait_for(server.wait_closed(), timeout=2.0)
-        except TimeoutError:
+    async def _close_listener(self, listener: Listener) -> None:
+        if not await listener.close(timeout_s=2.0):
             self.log.warning("listener_close_timeout")
 
     async def _connect_broker(self, broker: RedisBroker | ClusterBroker, ctx: Context) -> None:
@@ -399,8 +379,8 @@ class Gateway:
         loop = asyncio.get_running_loop()
         started = loop.time()
         closed = aborted = 0
-        if self.state is not None and self.server is not None:
-            closed, aborted = await self._drain(self.state, self.server)
+        if self.state is not None and self.listener is not None:
+            closed, aborted = await self._drain(self.state, self.listener)
         # 4. The parts, in reverse order of their start.
         await self._stack.aclose()
         self.log.info(
@@ -411,7 +391,7 @@ class Gateway:
             background_tasks_cancelled=self.cancelled,
         )
 
-    async def _drain(self, state: ServerState, server: Server) -> tuple[int, int]:
+    async def _drain(self, state: ServerState, listener: Listener) -> tuple[int, int]:
         """Steps 1-3: stop admitting, close with 1012, wait, abort the rest."""
         loop = asyncio.get_running_loop()
         config = self.config
@@ -447,7 +427,9 @@ class Gateway:
             sock.abort()
         if aborted:
             self.log.warning("drain_aborted", connections=aborted)
-        pending = {t for t in server.handler_tasks if not t.done()}
+        # Publications still waiting for the broker: answered (or failed)
+        # before the broker stops.
+        pending = {t for t in listener.tasks if not t.done()}
         if pending:
             await asyncio.wait(pending, timeout=2.0)
         return count, aborted

@@ -17,16 +17,16 @@ import random
 import re
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
 
 if TYPE_CHECKING:
-    from .connection import GatewayConnection
     from .state import Context, ServerState
 
-__all__ = ["WS_PATHS", "load_static", "process_request", "process_response"]
+__all__ = ["WS_PATHS", "Handshaking", "load_static", "process_request", "process_response"]
 
 WS_PATHS = ("/ws", "/ws/echo")
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -34,6 +34,14 @@ STATIC = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/rtgateway.js": ("rtgateway.js", "text/javascript; charset=utf-8"),
 }
+
+
+class Handshaking(Protocol):
+    """What the routes need of the socket whose request they answer (``handshake.Accepted``)."""
+
+    address: str  # the source address its limits count against (admission.py)
+    counted: bool  # whether it counts as a WebSocket of its address
+    protocol: ServerProtocol
 
 
 # A page of ours is framed by nobody, and its MIME type is not guessed.
@@ -104,7 +112,7 @@ def _text(status: int, text: str, **headers: str) -> Response:
 
 
 def process_request(
-    ctx: Context, state: ServerState, connection: GatewayConnection, request: Request
+    ctx: Context, state: ServerState, connection: Handshaking, request: Request
 ) -> Response | Awaitable[Response] | None:
     """The answer to a request before the upgrade, or None to upgrade it to a WebSocket."""
     path = request.path.partition("?")[0]
@@ -170,7 +178,7 @@ async def _host_metrics(render: Callable[[], Awaitable[bytes]]) -> Response:
 
 
 def process_response(
-    ctx: Context, connection: GatewayConnection, request: Request, response: Response
+    ctx: Context, connection: Handshaking, request: Request, response: Response
 ) -> None:
     # websockets itself refuses handshakes with missing or bad Upgrade headers.
     if (

@@ -73,7 +73,6 @@ class Limits:
 
     max_connections: int  # WebSockets before handshakes get 503
     max_sockets: int  # sockets accepted, pending ones included, before one is dropped
-    max_write_buffer_bytes: int  # a transport's buffer past which it is aborted
 
 
 class ServerState:

@@ -76,5 +76,30 @@ def test_tiny_benchmark_reports_every_figure_for_both_servers_and_loses_nothing(
         assert row["ratio"], scenario
     # The gateway's own count of frames per write backs the syscall count.
     assert rows[("burst", "rate")]["gateway"]["flush_frames"] > 0
-    # The terminal table carries the ratios.
+    # The terminal table carries the ratios, and the report says what the baseline was.
     assert "gw/base" in done.stdout
+    assert report["baseline"] == "stock websockets"
+
+
+def test_heap_objects_lists_what_one_idle_connection_holds() -> None:
+    """bench/heap_objects.py walks one joined connection: its protocol, parser, outbox, session."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "heap_objects.py")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for held in (
+        "connection (GatewayConnection)",
+        "protocol (ServerProtocol)",
+        "['parser'] (generator)",
+        "outbox (Outbox)",
+        "handler (Session)",
+        "rooms (dict)",
+        "transport (",
+    ):
+        assert held in done.stdout, (held, done.stdout)
+    total = int(done.stdout.splitlines()[-1].split()[-2])
+    assert total > 0

@@ -1,36 +1,46 @@
-"""connection.py: the websockets adapter, over real sockets on loopback.
+"""connection.py: our asyncio protocol around websockets' sans-I/O one, on loopback.
 
 The gateway runs in-process (``running_gateway``), so a test reads its books
-(``ServerState``, ``Admission``, the metrics object) directly while raw
-clients (:mod:`wire`) do what a good client never does: flood pings without
-reading, never answer a close frame, end lines with a bare LF. Only
-:func:`~rtgateway.connection.disconnect_of` is tested without a socket, on
-websockets' own sans-I/O protocol.
+(``ServerState``, the wheel, the metrics object) and the connection object
+itself, while raw clients (:mod:`wire`) do what a good client never does:
+flood pings without reading, never answer a close frame, send 4097
+fragments. Only :func:`~rtgateway.connection.disconnect_of` is tested without
+a socket, on websockets' own sans-I/O protocol fed real bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import types
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from conftest import RunningGateway, running_gateway
 from recording import ManualLoop, RecordingConnection
+from redisserver import RedisServer
 from support import eventually
 from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
-from wire import OP_CLOSE, OP_PING, OP_TEXT, RawConnection, close_payload, encode_frame
+from wire import (
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    RawConnection,
+    close_payload,
+    encode_frame,
+    parse_close,
+)
 
-from rtgateway.connection import disconnect_of
+from rtgateway.connection import MAX_FRAGMENTS, GatewayConnection, disconnect_of
 from rtgateway.errors import (
     ABORTED,
     CLIENT_CLOSE,
     MESSAGE_TOO_LARGE,
-    PING_TIMEOUT,
+    PROTOCOL_ERROR,
     SLOW_CONSUMER,
     Disconnect,
 )
@@ -63,19 +73,18 @@ async def connected(port: int) -> RawConnection:
     return conn
 
 
-# The write-buffer guard: pongs websockets queues without any limit.
+# Pongs leave through the outbox, and a flood of them that is never read is cut off.
 
 
-async def test_a_client_flooding_pings_unread_is_aborted_past_the_write_buffer_limit() -> None:
-    """Its transport's buffer passes max_write_buffer_bytes: reset, counted write_buffer."""
+async def test_a_client_flooding_pings_unread_is_reset_once_a_pong_does_not_fit() -> None:
+    """Pongs wait in the outbox of a paused transport; the first that does not fit resets it."""
     async with gateway(
-        outbox_max_bytes=16 * 1024, max_message_bytes=16 * 1024, socket_sndbuf_bytes=4096
+        outbox_max_messages=64, max_message_bytes=16 * 1024, socket_sndbuf_bytes=4096
     ) as gw:
-        limit = gw.gateway.state.limits.max_write_buffer_bytes
         flooder = await raw(gw.port, "/ws/echo", rcvbuf=4096)
         pings = encode_frame(OP_PING, b"p" * 125) * 160  # 160 pongs of 127 bytes each
         with pytest.raises(ConnectionError):
-            for _ in range(10 * limit // len(pings)):
+            for _ in range(10_000):
                 await asyncio.wait_for(flooder.send(pings), 10)
         await eventually(lambda: gw.metrics.disconnects["write_buffer"] == 1)
         assert gw.metrics.connections_current == 0
@@ -105,7 +114,7 @@ async def test_a_peer_silent_after_the_gateways_close_frame_is_aborted_at_the_cl
 
 
 async def test_a_peer_lingering_after_a_1009_is_aborted_at_the_close_timeout() -> None:
-    """websockets sets the deadline when it fails the connection; the guard enforces it."""
+    """The protocol fails the connection; the close frame it writes starts the close timeout."""
     async with gateway(max_message_bytes=1024, close_timeout_s=0.3, ping_interval_s=0) as gw:
         conn = await raw(gw.port, "/ws/echo")
         await conn.send_frame(OP_TEXT, b"x" * 1025)
@@ -115,89 +124,7 @@ async def test_a_peer_lingering_after_a_1009_is_aborted_at_the_close_timeout() -
         await eventually(lambda: gw.metrics.disconnects["message_too_large"] == 1)
 
 
-# Bare LF in a request head: 400 at once, counted.
-
-
-BARE_LF = {
-    "every_line": b"GET /ws HTTP/1.1\nHost: x\nUpgrade: websocket\n\n",
-    "one_line_among_crlf": b"GET /healthz HTTP/1.1\r\nHost: x\nAccept: */*\r\n\r\n",
-    "the_empty_line": b"GET /healthz HTTP/1.1\r\nHost: x\r\n\n",
-}
-
-
-@pytest.mark.parametrize("case", list(BARE_LF))
-async def test_a_request_head_with_a_bare_lf_gets_400_at_once(case: str) -> None:
-    """Refused before websockets reads it, with the gateway's Server header, as bad_request."""
-    async with gateway() as gw:
-        conn = await connected(gw.port)
-        await conn.send(BARE_LF[case])
-        response = await conn.wait_eof(timeout=5)
-        head, _, body = response.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 400 "), response[:100]
-        assert b"\r\nServer: rtgateway/" in head
-        assert body == b"lines must end with CRLF\n"
-        await eventually(lambda: gw.metrics.handshake_rejections["bad_request"] == 1)
-
-
-async def test_a_crlf_split_across_two_reads_is_not_a_bare_lf() -> None:
-    """The CR ends one read and the LF starts the next: still a well-formed head."""
-    async with gateway() as gw:
-        conn = await connected(gw.port)
-        await conn.send(b"GET /healthz HTTP/1.1\r")
-        # The gateway has read the first part (the socket is no longer silent).
-        await eventually(lambda: gw.gateway.state.admission.talking, what="the first read")
-        await conn.send(b"\nHost: x\r\nConnection: close\r\n\r\n")
-        response = await conn.wait_eof(timeout=5)
-        assert response.startswith(b"HTTP/1.1 200 "), response[:100]
-        assert gw.metrics.handshake_rejections["bad_request"] == 0
-
-
-# Admission's books, kept by the connection from accept to close.
-
-
-async def test_admission_counts_a_socket_from_accept_to_handshake_to_close() -> None:
-    """Pending while silent, then talking, then a counted WebSocket; nothing left after."""
-    async with gateway() as gw:
-        state = gw.gateway.state
-        admission = state.admission
-        conn = await connected(gw.port)
-        await eventually(lambda: admission.pending == 1, what="the socket pending")
-        assert len(admission.silent) == 1 and len(state.sockets) == 1
-        await conn.send(b"GET /ws HTTP/1.1\r\n")
-        await eventually(lambda: admission.talking, what="the socket talking")
-        await conn.send(
-            b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        assert (await conn.reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
-        assert (await conn.recv_json())["op"] == "hello"
-        assert admission.pending == 0
-        assert admission.connections == {"127.0.0.1": 1}
-        conn.abort()
-        await eventually(lambda: not state.sockets, what="the socket forgotten")
-        assert admission.connections == {} and admission.by_address == {}
-        assert gw.metrics.disconnects["aborted"] == 1
-
-
-async def test_a_socket_silent_past_the_first_byte_deadline_is_dropped_and_forgotten() -> None:
-    """first_byte_timeout: counted, aborted, and no longer pending in the books."""
-    async with gateway(first_byte_timeout_s=0.2) as gw:
-        state = gw.gateway.state
-        conn = await connected(gw.port)
-        assert await conn.wait_eof(timeout=10) == b""
-        assert gw.metrics.handshake_rejections["first_byte_timeout"] == 1
-        assert state.admission.pending == 0
-        await eventually(lambda: not state.sockets, what="the socket forgotten")
-
-
-async def test_the_send_buffer_is_set_on_every_accepted_socket() -> None:
-    """socket_sndbuf_bytes bounds the kernel's share of a slow consumer's backlog."""
-    async with gateway(socket_sndbuf_bytes=8192) as gw:
-        await raw(gw.port)
-        [conn] = gw.gateway.state.sockets
-        sock = conn.transport.get_extra_info("socket")  # type: ignore[attr-defined]
-        # Linux doubles the value for its own bookkeeping (socket(7)).
-        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 8192
+# Flow control.
 
 
 async def test_a_paused_transport_gets_its_queued_frames_once_the_client_reads_again() -> None:
@@ -223,6 +150,167 @@ async def test_a_paused_transport_gets_its_queued_frames_once_the_client_reads_a
         assert seqs == list(range(1, count + 1))
 
 
+# Deadlines on the listener's wheel; assembly; hand-over.
+
+
+def connections(gw: RunningGateway) -> list[GatewayConnection]:
+    state = gw.gateway.state
+    assert state is not None
+    return [s for s in state.sockets if isinstance(s, GatewayConnection)]
+
+
+async def member(port: int) -> RawConnection:
+    conn = await RawConnection.open(port, "/ws")
+    assert (await conn.recv_json())["op"] == "hello"
+    await conn.send_json({"op": "join", "room": "wheel", "id": 1})
+    assert (await conn.recv_json())["op"] == "ack"
+    return conn
+
+
+async def answer_pings(conn: RawConnection) -> None:
+    """What a live client does: every ping gets its pong (RFC 6455 §5.5.2)."""
+    while True:
+        frame = await conn.recv_frame(timeout=30)
+        if frame is None:
+            return
+        if frame.opcode == OP_PING:
+            await conn.send_frame(OP_PONG, frame.payload)
+
+
+async def test_deadlines_of_many_connections_run_on_one_wheel_and_no_task_each() -> None:
+    """180 sockets, one deadline each on the wheel, no task; each deadline ends what it should."""
+    async with running_gateway(
+        ping_interval_s=0.2,
+        ping_timeout_s=0.3,
+        close_timeout_s=0.3,
+        open_timeout_s=1.0,
+        first_byte_timeout_s=0.5,
+        max_pending_handshakes_per_address=0,
+        drain_timeout_s=1.0,
+    ) as gw:
+        tasks_before = len(asyncio.all_tasks())
+        live = [await member(gw.port) for _ in range(60)]
+        dead = [await member(gw.port) for _ in range(60)]  # joined, then never read
+        silent = [await RawConnection.connect(gw.port) for _ in range(30)]
+        trickling = [await RawConnection.connect(gw.port) for _ in range(30)]
+        for conn in trickling:
+            await conn.send(b"GET /ws HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        opened = [c for c in connections(gw) if c.outbox is not None]
+        assert len(opened) == 120
+        # Every socket has one deadline on the listener's wheel, and the
+        # gateway started no task for any of them.
+        listener = gw.gateway.listener
+        assert listener is not None
+        assert len(listener.wheel) == len(connections(gw)) == 180
+        assert len(asyncio.all_tasks()) == tasks_before
+        answering = [asyncio.ensure_future(answer_pings(c)) for c in live]
+        try:
+            m = gw.metrics
+            await eventually(lambda: m.disconnects["ping_timeout"] == 60, timeout=15)
+            await eventually(lambda: m.handshake_rejections["first_byte_timeout"] == 30, timeout=15)
+            await eventually(
+                lambda: m.handshake_rejections["timeout"] == 30, timeout=15
+            )  # the open timeout
+            for conn in dead:
+                code, reason, _ = await conn.recv_close()
+                assert (code, reason) == (1011, "keepalive ping timeout")
+            # The live ones answered several pings and are still members
+            # (time must pass: several ping intervals).
+            await asyncio.sleep(1.0)
+            assert m.connections_current == 60 and m.room_members_current == 60
+            assert len(listener.wheel) == 60
+        finally:
+            for task in answering:
+                task.cancel()
+            for conn in (*live, *dead, *silent, *trickling):
+                conn.abort()
+
+
+async def test_a_message_of_4096_fragments_is_assembled_and_one_more_fragment_is_1009() -> None:
+    """MAX_FRAGMENTS, as websockets' assembler allows; past it, 1009 "too many fragments"."""
+    async with running_gateway(drain_timeout_s=1.0) as gw:
+        for count in (MAX_FRAGMENTS, MAX_FRAGMENTS + 1):
+            conn = await RawConnection.open(gw.port, "/ws/echo")
+            try:
+                frames = [encode_frame(OP_TEXT, b"a", fin=False)]
+                frames += [encode_frame(OP_CONT, b"b", fin=False) for _ in range(count - 2)]
+                frames.append(encode_frame(OP_CONT, b"c"))
+                await conn.send(b"".join(frames))
+                frame = await conn.recv_frame()
+                assert frame is not None
+                if count == MAX_FRAGMENTS:
+                    assert frame.opcode == OP_TEXT
+                    assert frame.payload == b"a" + b"b" * (count - 2) + b"c"
+                else:
+                    assert parse_close(frame.payload) == (1009, "too many fragments")
+            finally:
+                conn.abort()
+        await eventually(lambda: gw.metrics.disconnects["message_too_large"] == 1, timeout=15)
+
+
+async def test_reading_pauses_while_a_publication_waits_and_replies_keep_their_order(
+    redis_server: RedisServer,
+) -> None:
+    """A publication waits for a frozen Redis: later messages are held, the socket not read."""
+    async with running_gateway(
+        broker_url=redis_server.url, broker_timeout_s=10.0, drain_timeout_s=1.0
+    ) as gw:
+        conn = await member(gw.port)
+        try:
+            (gateway_side,) = [c for c in connections(gw) if c.outbox is not None]
+            redis_server.freeze()
+            pings = [{"op": "ping", "id": i} for i in range(2, 6)]
+            batch = [{"op": "publish", "room": "wheel", "data": "x", "id": 1}, *pings]
+            await conn.send(b"".join(encode_frame(OP_TEXT, _json(m)) for m in batch))
+            # The publication waits for Redis: the pings are parsed but held,
+            # and the socket is not read meanwhile.
+            await eventually(
+                lambda: gateway_side.inbox is not None and len(gateway_side.inbox) == 4, timeout=15
+            )
+            assert not gateway_side.transport.is_reading()  # type: ignore[attr-defined]
+            await conn.send_json({"op": "ping", "id": 6})  # waits in the kernel
+            await asyncio.sleep(0.3)  # time must pass to show that nothing is read
+            assert len(gateway_side.inbox or ()) == 4
+            redis_server.thaw()
+            replies = [await conn.recv_json(timeout=15) for _ in range(7)]
+            order = [(r["op"], r.get("id")) for r in replies if r["op"] != "message"]
+            assert order == [("ack", 1), *(("pong", i) for i in range(2, 7))]
+            await eventually(lambda: gateway_side.inbox is None, timeout=15)
+            assert gateway_side.transport.is_reading()  # type: ignore[attr-defined]
+        finally:
+            redis_server.thaw()
+            conn.abort()
+
+
+def _json(message: dict[str, Any]) -> bytes:
+    return json.dumps(message).encode()
+
+
+# The parser keeps no frame of an idle connection.
+
+
+async def test_the_parser_keeps_no_frame_after_a_keepalive_ping_and_its_pong() -> None:
+    """A 64 KiB message stays in websockets' parser until the next ping; the pong is not kept."""
+    async with running_gateway(ping_interval_s=0.3, ping_timeout_s=5.0, drain_timeout_s=1.0) as gw:
+        conn = await RawConnection.open(gw.port, "/ws/echo")
+        try:
+            (gateway_side,) = connections(gw)
+            await conn.send_frame(OP_TEXT, b"m" * 65536)
+            frame = await conn.recv_frame()
+            assert frame is not None and len(frame.payload) == 65536
+            locals_ = gateway_side.protocol.parser.gi_frame.f_locals  # type: ignore[attr-defined]
+            assert len(locals_["frame"].data) == 65536  # why the parser is restarted
+            ping = await conn.recv_frame(timeout=10)
+            assert ping is not None and ping.opcode == OP_PING
+            assert gateway_side.awaiting_pong
+            await conn.send_frame(OP_PONG, ping.payload)
+            await eventually(lambda: not gateway_side.awaiting_pong, what="the pong")
+            parser: Any = gateway_side.protocol.parser
+            assert "frame" not in parser.gi_frame.f_locals
+        finally:
+            conn.abort()
+
+
 # disconnect_of: why a connection ended, from the outbox and websockets' protocol.
 
 
@@ -238,30 +326,29 @@ def outbox(disconnect: Disconnect | None = None) -> Outbox:
     return box
 
 
-def protocol(sent: tuple[int, str] | None = None, received: int | None = None) -> Any:
-    """A connection's stand-in holding websockets' sans-I/O protocol, closed as told."""
-    proto = ServerProtocol(state=OPEN)
-    if received is not None:
-        proto.receive_data(encode_frame(OP_CLOSE, close_payload(received)))
-    if sent is not None and proto.state is OPEN:
-        proto.send_close(*sent)
-    return types.SimpleNamespace(protocol=proto)
+def protocol(received: bytes = b"", eof: bool = False) -> ServerProtocol:
+    """websockets' sans-I/O server protocol, open, after it parsed ``received``."""
+    proto = ServerProtocol(state=OPEN, max_size=1024)
+    proto.receive_data(received)
+    if eof:
+        proto.receive_eof()
+    return proto
 
 
 @pytest.mark.parametrize(
-    ("conn", "box", "expected"),
+    ("proto", "box", "expected"),
     [
-        (protocol(sent=(1009, "")), outbox(SLOW_CONSUMER), SLOW_CONSUMER),
-        (protocol(sent=(1009, "frame too big")), outbox(), MESSAGE_TOO_LARGE),
-        (protocol(sent=(1011, "keepalive ping timeout")), outbox(), PING_TIMEOUT),
-        (protocol(received=1000), outbox(), CLIENT_CLOSE),
-        (protocol(sent=(1011, "internal error")), outbox(), ABORTED),
+        (protocol(encode_frame(OP_TEXT, b"x" * 2000)), outbox(SLOW_CONSUMER), SLOW_CONSUMER),
+        (protocol(encode_frame(OP_TEXT, b"x" * 2000)), outbox(), MESSAGE_TOO_LARGE),
+        (protocol(encode_frame(OP_TEXT, b"x", mask=False)), outbox(), PROTOCOL_ERROR),
+        (protocol(encode_frame(OP_CLOSE, close_payload(1000))), outbox(), CLIENT_CLOSE),
+        (protocol(eof=True), outbox(), ABORTED),
         (protocol(), outbox(), ABORTED),
     ],
-    ids=["gateway_reason_wins", "1009", "ping_timeout", "client_close", "other_1011", "nothing"],
+    ids=["gateway_reason_wins", "1009", "1002", "client_close", "eof", "nothing"],
 )
 def test_disconnect_of_names_why_a_connection_ended(
-    conn: Any, box: Outbox, expected: Disconnect
+    proto: ServerProtocol, box: Outbox, expected: Disconnect
 ) -> None:
-    """The gateway's own reason first, then what websockets sent, then what it received."""
-    assert disconnect_of(conn, box) is expected
+    """The gateway's own reason first, then what the protocol stopped on, else aborted."""
+    assert disconnect_of(proto, box) is expected

@@ -83,15 +83,14 @@ def test_pure_modules_import_only_what_they_are_allowed() -> None:
     assert wrong == {}
 
 
-def test_only_connection_uses_websockets_asyncio_layer() -> None:
-    """The lean connection replaces one module: no other one leans on websockets' asyncio."""
+def test_only_the_client_uses_websockets_asyncio_layer() -> None:
+    """The gateway drives websockets' sans-I/O protocol itself: only the client uses its asyncio."""
     users = sorted(
         module
         for module in MODULES
         if any(name.startswith("websockets.asyncio") for name in imports_of(module)[1])
     )
-    # app starts websockets' server and hands it the connection's factory.
-    assert users == ["app", "client", "connection"]
+    assert users == ["client"]
 
 
 def test_every_module_says_what_it_owns_and_what_it_exports() -> None:

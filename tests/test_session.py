@@ -103,7 +103,7 @@ class Server:
             static={},
         )
         self.state = ServerState(
-            Limits(max_connections=100, max_sockets=200, max_write_buffer_bytes=1 << 20),
+            Limits(max_connections=100, max_sockets=200),
             Admission(max_pending=100, max_pending_per_address=0, max_connections_per_address=0),
         )
         self.count = 0

@@ -15,7 +15,7 @@ from rtgateway.outbox import Flusher, Outbox
 from rtgateway.rooms import Hub
 from rtgateway.state import Context, Limits, ServerState
 
-LIMITS = Limits(max_connections=10, max_sockets=20, max_write_buffer_bytes=1 << 20)
+LIMITS = Limits(max_connections=10, max_sockets=20)
 
 
 class Sock:
