@@ -157,7 +157,9 @@ class GatewayConnection(Accepted):
             max_messages=config.outbox_max_messages,
             max_bytes=config.outbox_max_bytes,
         )
-        self.conn_id = secrets.token_urlsafe(9)
+        # <node>.<token>: the node names this process, for the backend's moderation.
+        token = secrets.token_urlsafe(9)
+        self.conn_id = f"{ctx.node}.{token}" if ctx.node else token
         state.session_opened(outbox)
         metrics.connection_opened()
         if config.ping_interval_s:

@@ -58,7 +58,7 @@ class Moderated(Protocol):
 
     conn_id: str
     outbox: Outbox
-    joined: dict[str, int]  # room -> when it joined, epoch ms
+    rooms: dict[str, tuple[str, int]]  # room -> (its policy, when it joined, epoch ms)
 
     def kick(self, code: int, reason: str) -> None: ...
 
@@ -186,7 +186,7 @@ class Moderator:
             return []
         session_of = self.session_of
         members = (
-            (session.conn_id, session.joined.get(found.name, 0))
+            (session.conn_id, session.rooms.get(found.name, ("", 0))[1])
             for outbox in found.members
             if (session := session_of.get(outbox)) is not None
             and (cursor is None or session.conn_id > cursor)

@@ -155,7 +155,7 @@ class Echo(_Base):
 class Session(_Base):
     """The room protocol on ``/ws`` for one connection."""
 
-    __slots__ = ("conn_id", "joined", "joining", "publish_limits", "rooms", "state")
+    __slots__ = ("conn_id", "joining", "publish_limits", "rooms", "state")
 
     def __init__(self, ctx: Context, state: ServerState, outbox: Outbox, conn_id: str) -> None:
         super().__init__(ctx, outbox)
@@ -164,10 +164,12 @@ class Session(_Base):
         # so that the backend's moderation reaches it; an id that has a dot
         # is already routable.
         self.conn_id = conn_id if "." in conn_id or not ctx.node else f"{ctx.node}.{conn_id}"
-        self.rooms: dict[str, str] = {}  # room -> this connection's policy there
-        self.joined: dict[str, int] = {}  # room -> when the join took effect, epoch ms
-        # Rooms whose join waits for the broker -> the ids to acknowledge then.
-        self.joining: dict[str, list[protocol.MessageId]] = {}
+        # Room -> this connection's policy there, and when the join took
+        # effect (epoch ms; 0 while it waits for the broker).
+        self.rooms: dict[str, tuple[str, int]] = {}
+        # Rooms whose join waits for the broker -> the ids to acknowledge then
+        # (None while there are none: most connections, most of the time).
+        self.joining: dict[str, list[protocol.MessageId]] | None = None
         # Namespace (its index) -> this connection's publish bucket there.
         self.publish_limits: dict[int, TokenBucket] | None = None
 
@@ -188,7 +190,6 @@ class Session(_Base):
         for room in list(self.rooms):
             hub.leave(room, self.outbox)
         self.rooms.clear()
-        self.joined.clear()
 
     # Moderation (the backend, through the publish API: moderation.py).
 
@@ -203,7 +204,6 @@ class Session(_Base):
         del self.rooms[room]
         # A join still waiting for the broker is acknowledged first (hub.leave).
         self.ctx.hub.leave(room, self.outbox)
-        self.joined.pop(room, None)
         self.reply(protocol.removed(room, reason))
         return True
 
@@ -245,7 +245,7 @@ class Session(_Base):
         if self.state.draining:
             self.error("draining", "the gateway is restarting; reconnect", msg.id)
             return
-        waiting = self.joining.get(msg.room)
+        waiting = self.joining.get(msg.room) if self.joining else None
         if waiting is not None:
             waiting.append(msg.id)  # answered with the first join
             return
@@ -257,7 +257,7 @@ class Session(_Base):
         if joined is not None:
             # Joining twice is acknowledged and changes nothing.
             if msg.id is not None:
-                self._ack_join(msg.id, msg.room, hub.members(msg.room), joined, rules)
+                self._ack_join(msg.id, msg.room, hub.members(msg.room), joined[0], rules)
             return
         if not rules.join:
             self.error(
@@ -291,7 +291,9 @@ class Session(_Base):
                 "room_limit", "the gateway holds as many rooms as it may; retry later", msg.id
             )
             return
-        self.rooms[msg.room] = policy
+        self.rooms[msg.room] = (policy, 0)
+        if self.joining is None:
+            self.joining = {}
         self.joining[msg.room] = [msg.id]
         # Acknowledged once the room is live: at once with one process, once
         # Redis confirmed the subscription with workers.
@@ -300,14 +302,16 @@ class Session(_Base):
         )
 
     def _joined(self, room: str, policy: str, rules: Rules, members: int | None) -> None:
-        ids = self.joining.pop(room, [])
+        ids = self.joining.pop(room, []) if self.joining else []
+        if not self.joining:
+            self.joining = None
         if members is None:
             self.rooms.pop(room, None)
             for id in ids:
                 self.error("unavailable", "the gateway could not join the room now; retry", id)
             return
         if room in self.rooms:
-            self.joined[room] = time.time_ns() // 1_000_000
+            self.rooms[room] = (policy, time.time_ns() // 1_000_000)
         for id in ids:
             if id is not None:
                 self._ack_join(id, room, members, policy, rules)
@@ -326,7 +330,6 @@ class Session(_Base):
             return
         del self.rooms[msg.room]
         members = self.ctx.hub.leave(msg.room, self.outbox)
-        self.joined.pop(msg.room, None)
         if msg.id is not None:
             self.reply(protocol.ack(msg.id, room=msg.room, members=members))
 
