@@ -67,6 +67,16 @@ async def running_gateway(
         await task
 
 
+@contextlib.asynccontextmanager
+async def raw_gateway(**changes: Any) -> AsyncIterator[RunningGateway]:
+    """The in-process gateway for raw clients: those still open are reset before it stops."""
+    async with running_gateway(**{"drain_timeout_s": 1.0, **changes}) as gw:
+        try:
+            yield gw
+        finally:
+            RawConnection.reset_all()
+
+
 @pytest.fixture
 async def gateway() -> AsyncIterator[RunningGateway]:
     async with running_gateway() as gw:

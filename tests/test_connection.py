@@ -11,13 +11,11 @@ a socket, on websockets' own sans-I/O protocol fed real bytes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import RunningGateway, running_gateway
+from conftest import RunningGateway, raw_gateway, running_gateway
 from recording import ManualLoop, RecordingConnection
 from redisserver import RedisServer
 from support import eventually
@@ -47,41 +45,15 @@ from rtgateway.errors import (
 from rtgateway.metrics import Metrics
 from rtgateway.outbox import Flusher, Outbox
 
-_opened: list[RawConnection] = []
-
-
-@contextlib.asynccontextmanager
-async def gateway(**changes: Any) -> AsyncIterator[RunningGateway]:
-    """The in-process gateway; raw clients still open at the end are reset first."""
-    async with running_gateway(**{"drain_timeout_s": 1.0, **changes}) as gw:
-        try:
-            yield gw
-        finally:
-            while _opened:
-                _opened.pop().abort()
-
-
-async def raw(port: int, path: str = "/ws", **kwargs: Any) -> RawConnection:
-    conn = await RawConnection.open(port, path, **kwargs)
-    _opened.append(conn)
-    return conn
-
-
-async def connected(port: int) -> RawConnection:
-    conn = await RawConnection.connect(port)
-    _opened.append(conn)
-    return conn
-
-
 # Pongs leave through the outbox, and a flood of them that is never read is cut off.
 
 
 async def test_a_client_flooding_pings_unread_is_reset_once_a_pong_does_not_fit() -> None:
     """Pongs wait in the outbox of a paused transport; the first that does not fit resets it."""
-    async with gateway(
+    async with raw_gateway(
         outbox_max_messages=64, max_message_bytes=16 * 1024, socket_sndbuf_bytes=4096
     ) as gw:
-        flooder = await raw(gw.port, "/ws/echo", rcvbuf=4096)
+        flooder = await RawConnection.open(gw.port, "/ws/echo", rcvbuf=4096)
         pings = encode_frame(OP_PING, b"p" * 125) * 160  # 160 pongs of 127 bytes each
         with pytest.raises(ConnectionError):
             for _ in range(10_000):
@@ -98,10 +70,10 @@ async def test_a_peer_silent_after_the_gateways_close_frame_is_aborted_at_the_cl
     None
 ):
     """Closed 1008 by the rate limit, then silence: the TCP connection is reset, not held."""
-    async with gateway(
+    async with raw_gateway(
         close_timeout_s=0.3, ping_interval_s=0, rate_limit_burst=1, rate_limit_max_rejected=0
     ) as gw:
-        conn = await raw(gw.port)
+        conn = await RawConnection.open(gw.port)
         await conn.recv_json()  # hello
         ping = encode_frame(OP_TEXT, b'{"op":"ping"}')
         await conn.send(ping * 3)
@@ -115,8 +87,8 @@ async def test_a_peer_silent_after_the_gateways_close_frame_is_aborted_at_the_cl
 
 async def test_a_peer_lingering_after_a_1009_is_aborted_at_the_close_timeout() -> None:
     """The protocol fails the connection; the close frame it writes starts the close timeout."""
-    async with gateway(max_message_bytes=1024, close_timeout_s=0.3, ping_interval_s=0) as gw:
-        conn = await raw(gw.port, "/ws/echo")
+    async with raw_gateway(max_message_bytes=1024, close_timeout_s=0.3, ping_interval_s=0) as gw:
+        conn = await RawConnection.open(gw.port, "/ws/echo")
         await conn.send_frame(OP_TEXT, b"x" * 1025)
         code, _, _ = await conn.recv_close()
         assert code == 1009
@@ -129,13 +101,13 @@ async def test_a_peer_lingering_after_a_1009_is_aborted_at_the_close_timeout() -
 
 async def test_a_paused_transport_gets_its_queued_frames_once_the_client_reads_again() -> None:
     """resume_writing() flushes the outbox: what waited while paused is delivered in order."""
-    async with gateway(socket_sndbuf_bytes=4096, publish_requires_join=False) as gw:
-        member = await raw(gw.port, rcvbuf=4096)
+    async with raw_gateway(socket_sndbuf_bytes=4096, publish_requires_join=False) as gw:
+        member = await RawConnection.open(gw.port, rcvbuf=4096)
         await member.recv_json()  # hello
         await member.send_json({"op": "join", "room": "r", "id": 1})
         await member.recv_json()  # ack
         [outbox] = gw.gateway.state.outboxes
-        publisher = await raw(gw.port)
+        publisher = await RawConnection.open(gw.port)
         await publisher.recv_json()
         payload = "z" * 2000
         count = 0

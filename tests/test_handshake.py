@@ -8,43 +8,16 @@ does: stay silent, trickle a request head, end lines with a bare LF.
 
 from __future__ import annotations
 
-import contextlib
 import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conftest import RunningGateway, running_gateway
+from conftest import RunningGateway, raw_gateway
 from support import eventually
 from websockets.protocol import Protocol as SansIO
 from wire import RawConnection
 
 from rtgateway.connection import GatewayConnection
-
-_opened: list[RawConnection] = []
-
-
-@contextlib.asynccontextmanager
-async def gateway(**changes: Any) -> AsyncIterator[RunningGateway]:
-    """The in-process gateway; raw clients still open at the end are reset first."""
-    async with running_gateway(**{"drain_timeout_s": 1.0, **changes}) as gw:
-        try:
-            yield gw
-        finally:
-            while _opened:
-                _opened.pop().abort()
-
-
-async def raw(port: int, path: str = "/ws", **kwargs: Any) -> RawConnection:
-    conn = await RawConnection.open(port, path, **kwargs)
-    _opened.append(conn)
-    return conn
-
-
-async def connected(port: int) -> RawConnection:
-    conn = await RawConnection.connect(port)
-    _opened.append(conn)
-    return conn
 
 
 def the_connection(gw: RunningGateway) -> GatewayConnection:
@@ -66,8 +39,8 @@ BARE_LF = {
 @pytest.mark.parametrize("case", list(BARE_LF))
 async def test_a_request_head_with_a_bare_lf_gets_400_at_once(case: str) -> None:
     """Refused before websockets reads it, with the gateway's Server header, as bad_request."""
-    async with gateway() as gw:
-        conn = await connected(gw.port)
+    async with raw_gateway() as gw:
+        conn = await RawConnection.connect(gw.port)
         await conn.send(BARE_LF[case])
         response = await conn.wait_eof(timeout=5)
         head, _, body = response.partition(b"\r\n\r\n")
@@ -79,8 +52,8 @@ async def test_a_request_head_with_a_bare_lf_gets_400_at_once(case: str) -> None
 
 async def test_a_crlf_split_across_two_reads_is_not_a_bare_lf() -> None:
     """The CR ends one read and the LF starts the next: still a well-formed head."""
-    async with gateway() as gw:
-        conn = await connected(gw.port)
+    async with raw_gateway() as gw:
+        conn = await RawConnection.connect(gw.port)
         await conn.send(b"GET /healthz HTTP/1.1\r")
         # The gateway has read the first part (the socket is no longer silent).
         await eventually(lambda: gw.gateway.state.admission.talking, what="the first read")
@@ -95,10 +68,10 @@ async def test_a_crlf_split_across_two_reads_is_not_a_bare_lf() -> None:
 
 async def test_admission_counts_a_socket_from_accept_to_handshake_to_close() -> None:
     """Pending while silent, then talking, then a counted WebSocket; nothing left after."""
-    async with gateway() as gw:
+    async with raw_gateway() as gw:
         state = gw.gateway.state
         admission = state.admission
-        conn = await connected(gw.port)
+        conn = await RawConnection.connect(gw.port)
         await eventually(lambda: admission.pending == 1, what="the socket pending")
         assert len(admission.silent) == 1 and len(state.sockets) == 1
         await conn.send(b"GET /ws HTTP/1.1\r\n")
@@ -119,9 +92,9 @@ async def test_admission_counts_a_socket_from_accept_to_handshake_to_close() -> 
 
 async def test_a_socket_silent_past_the_first_byte_deadline_is_dropped_and_forgotten() -> None:
     """first_byte_timeout: counted, aborted, and no longer pending in the books."""
-    async with gateway(first_byte_timeout_s=0.2) as gw:
+    async with raw_gateway(first_byte_timeout_s=0.2) as gw:
         state = gw.gateway.state
-        conn = await connected(gw.port)
+        conn = await RawConnection.connect(gw.port)
         assert await conn.wait_eof(timeout=10) == b""
         assert gw.metrics.handshake_rejections["first_byte_timeout"] == 1
         assert state.admission.pending == 0
@@ -130,8 +103,8 @@ async def test_a_socket_silent_past_the_first_byte_deadline_is_dropped_and_forgo
 
 async def test_the_send_buffer_is_set_on_every_accepted_socket() -> None:
     """socket_sndbuf_bytes bounds the kernel's share of a slow consumer's backlog."""
-    async with gateway(socket_sndbuf_bytes=8192) as gw:
-        await raw(gw.port)
+    async with raw_gateway(socket_sndbuf_bytes=8192) as gw:
+        await RawConnection.open(gw.port)
         [conn] = gw.gateway.state.sockets
         sock = conn.transport.get_extra_info("socket")  # type: ignore[attr-defined]
         # Linux doubles the value for its own bookkeeping (socket(7)).
@@ -143,8 +116,8 @@ async def test_the_send_buffer_is_set_on_every_accepted_socket() -> None:
 
 async def test_a_request_head_that_never_ends_is_dropped_at_the_open_timeout() -> None:
     """A head trickled and never finished: dropped at open_timeout, counted timeout."""
-    async with gateway(open_timeout_s=0.3, first_byte_timeout_s=0.2) as gw:
-        conn = await connected(gw.port)
+    async with raw_gateway(open_timeout_s=0.3, first_byte_timeout_s=0.2) as gw:
+        conn = await RawConnection.connect(gw.port)
         await conn.send(b"GET /ws HTTP/1.1\r\nHost: x\r\n")  # and never the rest
         assert await conn.wait_eof(timeout=10) == b""
         assert gw.metrics.handshake_rejections["timeout"] == 1
@@ -157,8 +130,8 @@ async def test_a_request_head_that_never_ends_is_dropped_at_the_open_timeout() -
 
 async def test_the_upgrade_restarts_the_parser_so_the_request_is_not_kept() -> None:
     """websockets' handshake parser holds the request; after the 101 only the frame parser runs."""
-    async with gateway() as gw:
-        member = await raw(gw.port)
+    async with raw_gateway() as gw:
+        member = await RawConnection.open(gw.port)
         assert (await member.recv_json())["op"] == "hello"
         conn = the_connection(gw)
         parser: Any = conn.protocol.parser

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import websockets
-from conftest import RunningGateway, running_gateway
+from conftest import raw_gateway
 from hardening_support import (
     ascrape,
     metric,
@@ -52,26 +52,6 @@ REJECTIONS = "rtgateway_handshake_rejections_total"
 # Helpers.
 
 
-_opened: list[RawConnection] = []
-
-
-@contextlib.asynccontextmanager
-async def gateway(**changes: Any) -> AsyncIterator[RunningGateway]:
-    """The in-process gateway; raw clients still open at the end are reset first."""
-    async with running_gateway(**{"drain_timeout_s": 1.0, **changes}) as gw:
-        try:
-            yield gw
-        finally:
-            while _opened:
-                _opened.pop().abort()
-
-
-async def raw(port: int, path: str = "/ws", **kwargs: Any) -> RawConnection:
-    conn = await RawConnection.open(port, path, **kwargs)
-    _opened.append(conn)
-    return conn
-
-
 async def eventually_metric(
     base_url: str, name: str, labels: tuple[str, ...], at_least: float, timeout: float = 10.0
 ) -> float:
@@ -87,7 +67,7 @@ async def eventually_metric(
 
 async def joined(port: int, room: str, **kwargs: Any) -> RawConnection:
     """A raw member of ``room``: hello read, join acknowledged."""
-    conn = await raw(port, "/ws", **kwargs)
+    conn = await RawConnection.open(port, "/ws", **kwargs)
     hello = await conn.recv_json()
     assert hello["op"] == "hello", hello
     await conn.send_json({"op": "join", "room": room, "id": "join"})
@@ -259,7 +239,7 @@ async def test_malformed_request_gets_4xx_or_close_without_traceback(
 
 async def test_foreign_origin_is_refused_with_403_when_origins_are_configured() -> None:
     """A foreign Origin gets 403; a listed origin and no Origin get in."""
-    async with gateway(allowed_origins=("https://app.example",)) as gw:
+    async with raw_gateway(allowed_origins=("https://app.example",)) as gw:
         with pytest.raises(InvalidStatus) as refused:
             await websockets.connect(gw.ws_url, origin="https://evil.example")  # type: ignore[arg-type]
         assert refused.value.response.status_code == 403
@@ -278,8 +258,8 @@ async def test_foreign_origin_is_refused_with_403_when_origins_are_configured() 
 @pytest.mark.parametrize("path", ["/ws", "/ws/echo"])
 async def test_message_over_the_size_limit_is_closed_1009(path: str) -> None:
     """A message over RTG_MAX_MESSAGE_BYTES closes the connection 1009, counted."""
-    async with gateway(max_message_bytes=4096) as gw:
-        conn = await raw(gw.port, path)
+    async with raw_gateway(max_message_bytes=4096) as gw:
+        conn = await RawConnection.open(gw.port, path)
         await conn.send_frame(OP_TEXT, b"x" * 4097)
         code, _, _ = await conn.recv_close()
         assert code == 1009
@@ -289,8 +269,8 @@ async def test_message_over_the_size_limit_is_closed_1009(path: str) -> None:
 
 async def test_frame_declaring_2_to_the_62_bytes_is_closed_1009_without_waiting() -> None:
     """A frame header declaring 2^62 bytes is closed 1009 before any payload arrives."""
-    async with gateway() as gw:
-        conn = await raw(gw.port, "/ws/echo")
+    async with raw_gateway() as gw:
+        conn = await RawConnection.open(gw.port, "/ws/echo")
         # The header alone: the gateway must refuse before any payload arrives.
         await conn.send(encode_frame(OP_BINARY, b"", length=2**62)[:10] + b"\x00\x00\x00\x00")
         code, _, _ = await conn.recv_close()
@@ -362,7 +342,7 @@ FRAME_VIOLATIONS: dict[str, tuple[list[bytes], int, str]] = {
 async def test_frame_violation_is_closed_with_the_rfc_code(case: str) -> None:
     """Each frame violation closes with RFC 6455's code; other members are untouched."""
     frames, expected_code, reason = FRAME_VIOLATIONS[case]
-    async with gateway(max_message_bytes=4096) as gw:
+    async with raw_gateway(max_message_bytes=4096) as gw:
         member = await joined(gw.port, "room")
         conn = await joined(gw.port, "room")
         await conn.send(b"".join(frames))
@@ -379,7 +359,7 @@ async def test_frame_violation_is_closed_with_the_rfc_code(case: str) -> None:
 
 async def test_binary_frame_on_ws_gets_bad_message_and_others_are_unaffected() -> None:
     """A binary frame on /ws gets bad_message; the connection and the room work on."""
-    async with gateway() as gw:
+    async with raw_gateway() as gw:
         other = await joined(gw.port, "room")
         sender = await joined(gw.port, "room")
         await sender.send_frame(OP_BINARY, b'{"op":"publish","room":"room","data":1}')
@@ -425,7 +405,7 @@ BAD_MESSAGES: dict[str, tuple[str, str]] = {
 
 async def test_every_bad_message_gets_its_error_code_and_the_connection_stays() -> None:
     """Every bad message, one after another on one connection, gets its code; it stays open."""
-    async with gateway() as gw:
+    async with raw_gateway() as gw:
         conn = await joined(gw.port, "room")
         for case, (text, code) in BAD_MESSAGES.items():
             await conn.send_frame(OP_TEXT, text.encode())
@@ -440,7 +420,7 @@ async def test_every_bad_message_gets_its_error_code_and_the_connection_stays() 
 async def test_bad_message_row(case: str) -> None:
     """One test per input, so that a failure names it."""
     text, code = BAD_MESSAGES[case]
-    async with gateway() as gw:
+    async with raw_gateway() as gw:
         conn = await joined(gw.port, "room")
         await conn.send_frame(OP_TEXT, text.encode())
         reply = await conn.recv_json()
@@ -451,7 +431,7 @@ async def test_bad_message_row(case: str) -> None:
 
 async def test_new_room_past_the_process_cap_gets_room_limit_and_existing_rooms_work() -> None:
     """Past RTG_MAX_ROOMS a new room gets room_limit; existing rooms still work."""
-    async with gateway(max_rooms=3) as gw:
+    async with raw_gateway(max_rooms=3) as gw:
         first = await joined(gw.port, "a")
         for room in ("b", "c"):
             await first.send_json({"op": "join", "room": room, "id": room})
@@ -472,7 +452,7 @@ async def test_new_room_past_the_process_cap_gets_room_limit_and_existing_rooms_
 
 async def test_too_many_rooms_gets_too_many_rooms_and_the_connection_stays() -> None:
     """Joining past RTG_MAX_ROOMS_PER_CONNECTION gets too_many_rooms; the connection stays."""
-    async with gateway(max_rooms_per_connection=2) as gw:
+    async with raw_gateway(max_rooms_per_connection=2) as gw:
         conn = await joined(gw.port, "a")
         await conn.send_json({"op": "join", "room": "b", "id": 2})
         assert (await conn.recv_json())["op"] == "ack"
@@ -488,7 +468,7 @@ async def test_too_many_rooms_gets_too_many_rooms_and_the_connection_stays() -> 
 @pytest.mark.parametrize("limit", ["messages", "bytes"])
 async def test_echo_flood_gets_rate_limited_errors_then_close_1008(limit: str) -> None:
     """A flood on /ws/echo gets rate_limited errors instead of echoes, then close 1008."""
-    async with gateway(
+    async with raw_gateway(
         rate_limit_msgs_per_s=5,
         rate_limit_burst=5,
         rate_limit_bytes_per_s=64 * 1024,
@@ -496,7 +476,7 @@ async def test_echo_flood_gets_rate_limited_errors_then_close_1008(limit: str) -
         rate_limit_max_rejected=10,
     ) as gw:
         bystander = await joined(gw.port, "room")
-        flooder = await raw(gw.port, "/ws/echo")
+        flooder = await RawConnection.open(gw.port, "/ws/echo")
         # 100 small messages, or 10 of 16 KiB each: both far past a limit.
         payloads = [b"m%d" % i for i in range(100)] if limit == "messages" else [b"b" * 16_000] * 30
         await flooder.send(b"".join(encode_frame(OP_BINARY, p) for p in payloads))
@@ -540,7 +520,7 @@ async def test_poisoned_data_is_refused_to_the_sender_and_the_room_keeps_working
 ) -> None:
     """Poisoned data is refused to the sender, reaches nobody, and the room goes on at seq 1."""
     data, codes = POISON_DATA[case]
-    async with gateway() as gw:
+    async with raw_gateway() as gw:
         members = [await joined(gw.port, "room") for _ in range(3)]
         attacker = await joined(gw.port, "room")
         text = '{"op":"publish","room":"room","id":"poison","data":' + data + "}"
@@ -561,7 +541,7 @@ async def test_poisoned_data_is_refused_to_the_sender_and_the_room_keeps_working
 async def test_deepest_nesting_the_gateway_accepts_is_readable_by_the_python_client() -> None:
     """Whatever nesting depth gets through, a member's JSON parser must cope with it."""
     async with (
-        gateway() as gw,
+        raw_gateway() as gw,
         Client.connect(gw.ws_url) as member,
     ):
         await member.join("room")
@@ -645,7 +625,7 @@ WINDOW = 32
 async def test_non_reader_in_a_busy_room_gets_the_slow_consumer_policy_and_others_get_all() -> None:
     """A non-reader in a busy room is closed 4008; every other member gets every publication."""
     n = 1000
-    async with gateway(
+    async with raw_gateway(
         outbox_max_messages=64,
         rate_limit_msgs_per_s=1e6,
         rate_limit_burst=10**6,
@@ -689,7 +669,7 @@ async def test_non_reader_in_a_busy_room_gets_the_slow_consumer_policy_and_other
 
 async def test_publish_flood_gets_rate_limit_errors_then_close_1008() -> None:
     """A publish flood gets rate_limited errors with retry_after_ms, then close 1008."""
-    async with gateway(
+    async with raw_gateway(
         rate_limit_msgs_per_s=5, rate_limit_burst=5, rate_limit_max_rejected=10
     ) as gw:
         bystander = await joined(gw.port, "room")
@@ -808,8 +788,8 @@ LINGERING: dict[str, bytes] = {
 @pytest.mark.parametrize("case", list(LINGERING))
 async def test_peer_that_never_closes_tcp_is_dropped_after_the_close_timeout(case: str) -> None:
     """A peer that never closes TCP after the closing handshake is dropped at the close timeout."""
-    async with gateway(max_message_bytes=4096, ping_interval_s=0, close_timeout_s=0.3) as gw:
-        conn = await raw(gw.port, "/ws/echo")
+    async with raw_gateway(max_message_bytes=4096, ping_interval_s=0, close_timeout_s=0.3) as gw:
+        conn = await RawConnection.open(gw.port, "/ws/echo")
         await conn.send(LINGERING[case])
         code, _, _ = await conn.recv_close()
         assert code in (1000, 1002, 1009)
@@ -822,7 +802,7 @@ async def test_peer_that_never_closes_tcp_is_dropped_after_the_close_timeout(cas
 
 async def test_dead_peer_is_closed_after_the_ping_timeout() -> None:
     """A peer that answers no ping is closed 1011 at the ping timeout and leaves its rooms."""
-    async with gateway(ping_interval_s=0.2, ping_timeout_s=0.3, close_timeout_s=0.5) as gw:
+    async with raw_gateway(ping_interval_s=0.2, ping_timeout_s=0.3, close_timeout_s=0.5) as gw:
         member = await joined(gw.port, "room")
         # Joined, then silent: it answers no ping (a raw socket never pongs by itself).
         await eventually(lambda: gw.metrics.disconnects["ping_timeout"] == 1, timeout=15)
@@ -835,7 +815,7 @@ async def test_dead_peer_is_closed_after_the_ping_timeout() -> None:
 
 async def test_live_peer_survives_many_ping_intervals() -> None:
     """A peer that answers pings survives many ping intervals."""
-    async with gateway(ping_interval_s=0.1, ping_timeout_s=0.3) as gw:
+    async with raw_gateway(ping_interval_s=0.1, ping_timeout_s=0.3) as gw:
         async with Client.connect(gw.ws_url) as client:
             await client.join("room")
             # Time passing is the condition: ten pings, each answered by the websockets client.
@@ -864,7 +844,7 @@ async def test_sigterm_during_a_broadcast_drains_and_no_member_gets_a_partial_fr
         assert gw.port is not None
         members = [await joined(gw.port, "live") for _ in range(20)]
         # Not a member (RTG_PUBLISH_REQUIRES_JOIN=false): it never has to read.
-        publisher = await raw(gw.port)
+        publisher = await RawConnection.open(gw.port)
         started = asyncio.Event()
         progress = [0] * len(members)
 
