@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from redisserver import RedisServer
-from support import ROOT, SupervisorProcess, free_port
+from support import ROOT, SupervisorProcess, free_port, supervisor
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -179,29 +179,17 @@ class Supervisor(SupervisorProcess):
 async def two_workers(redis: RedisServer, rooms_file: str, **env: str) -> AsyncIterator[Supervisor]:
     """``RTG_WORKERS=2`` on ``redis`` with ``rooms_file``; its peers closed before it is killed."""
     api_port = free_port()
-    proc = Supervisor(
-        {
-            "RTG_WORKERS": "2",
-            "RTG_BROKER_URL": redis.url,
-            "RTG_ROOMS_FILE": rooms_file,
-            "RTG_API_ADDR": f"127.0.0.1:{api_port}",
-            "RTG_STATS_INTERVAL_S": "0",
-            "RTG_DRAIN_WINDOW_S": "0.2",
-            "RTG_DRAIN_TIMEOUT_S": "5",
-            **env,
-        },
-        api_port,
-    )
-    proc.start(timeout=30)
-    try:
-        yield proc
-    except BaseException:
-        # What the supervisor and its workers said: pytest shows it with the failure.
-        print("--- supervisor and workers, last lines\n" + "\n".join(proc.lines[-60:]))
-        raise
-    finally:
-        await Peer.close_all()
-        proc.kill()
+    with supervisor(
+        redis.url,
+        lambda environ: Supervisor(environ, api_port),
+        RTG_ROOMS_FILE=rooms_file,
+        RTG_API_ADDR=f"127.0.0.1:{api_port}",
+        **env,
+    ) as proc:
+        try:
+            yield proc
+        finally:
+            await Peer.close_all()
 
 
 async def peers_on_each_worker(ws_url: str, per_worker: int = 1) -> list[list[Peer]]:

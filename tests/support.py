@@ -21,9 +21,9 @@ import re
 import shutil
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -153,10 +153,15 @@ class SupervisorProcess(GatewayProcess):
         return values
 
 
+P = TypeVar("P", bound=SupervisorProcess)
+
+
 @contextlib.contextmanager
-def supervisor(broker_url: str, **env: str) -> Iterator[SupervisorProcess]:
+def supervisor(
+    broker_url: str, make: Callable[[dict[str, str]], P] = SupervisorProcess, **env: str
+) -> Iterator[P]:
     """A supervisor of two workers sharing ``broker_url``, draining fast; killed at the end."""
-    proc = SupervisorProcess(
+    proc = make(
         {
             "RTG_WORKERS": "2",
             "RTG_BROKER_URL": broker_url,
